@@ -1,0 +1,21 @@
+// Entry points of the CPU segment-attention kernels. They take the plain params structs of
+// ism_params.h; the caller (ops.cpp) has validated shapes, dtypes and values.
+#pragma once
+
+#include "../ism_params.h"
+
+namespace ism::cpu {
+
+// Tile sizes of the CPU kernels: 64 x 64 float32 score tiles (16 KiB) keep the working set of a
+// tile (q, k, v, scores, accumulator at head dim 128: about 150 KiB) inside a core's L2 cache.
+constexpr int kTileQ = 64;
+constexpr int kTileK = 64;
+
+// out and lse from q, k, v.
+void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params);
+
+// dq, dk, dv from dout (and optionally dlse), q, k, v, out, lse. Deterministic: every gradient
+// element is written by exactly one work item, in a fixed order.
+void segment_attn_bwd_cpu(const SegmentAttnBwdParams& params);
+
+}  // namespace ism::cpu

@@ -1,0 +1,63 @@
+// Plain parameter structs shared by every segment-attention kernel (CPU now, CUDA later).
+//
+// They hold raw pointers, strides and sizes only, so a kernel translation unit can include this
+// header without any torch header (nvcc compiles the CUDA kernels against it alone).
+//
+// Layout (FlashAttention's varlen convention):
+//   q  [total_q, h_q,  d]   k, v [total_k, h_kv, d]   (last dim contiguous, other strides free)
+//   cu_seqlens_q/k [b + 1]  int32, sequence i owns rows [cu[i], cu[i+1])
+//   kv_limit       [total_q] int32, query row r may attend keys j < kv_limit[r] of its own sequence
+//   out            [total_q, h_q, d] (same strides rule as q)
+//   lse            [h_q, total_q] float32, natural-log log-sum-exp of the scaled scores
+#pragma once
+
+#include <cstdint>
+
+namespace ism {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct SegmentAttnFwdParams {
+  // Inputs.
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  const int32_t* kv_limit;
+  // Outputs.
+  void* out;
+  float* lse;
+
+  // Strides in elements; the last dimension is always contiguous.
+  int64_t q_row_stride, q_head_stride;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int64_t out_row_stride, out_head_stride;
+  int64_t lse_head_stride;  // lse[h * lse_head_stride + row]
+
+  int batch;          // number of sequences b
+  int h_q, h_kv;      // query heads, key/value heads (h_q % h_kv == 0)
+  int head_dim;       // d
+  int total_q, total_k;
+  int max_seqlen_q, max_seqlen_k;
+  float softmax_scale;
+  DType dtype;
+};
+
+struct SegmentAttnBwdParams : SegmentAttnFwdParams {
+  // Forward outputs the backward reads (`out`/`lse` of the base struct are inputs here).
+  const void* dout;
+  const float* dlse;  // optional gradient of lse [h_q, total_q]; nullptr when lse was not used
+  int64_t dout_row_stride, dout_head_stride;
+
+  // Gradients (same shapes as q, k, v).
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t dq_row_stride, dq_head_stride;
+  int64_t dk_row_stride, dk_head_stride;
+  int64_t dv_row_stride, dv_head_stride;
+};
+
+}  // namespace ism

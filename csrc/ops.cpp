@@ -1,0 +1,104 @@
+// The `torch.ops.ism` library: op schemas and their CPU implementations.
+//
+// Schemas live here, in C++, so every backend registers against the same definition; the fake
+// (meta) kernels and autograd formulas are registered from Python (ism_ext/_ops.py), following
+// pytorch/extension-cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cpu/segment_attn_cpu.h"
+#include "params_builder.h"
+
+namespace ism {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& kv_limit,
+                                                        const at::Tensor& cu_seqlens_q,
+                                                        const at::Tensor& cu_seqlens_k,
+                                                        std::optional<int64_t> max_seqlen_q,
+                                                        std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+  constexpr const char* op = "ism.segment_attn_fwd";
+  const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  const auto [longest_q, longest_k] =
+      check_index_values_cpu(op, kv_limit, cu_seqlens_q, cu_seqlens_k, s, max_seqlen_q, max_seqlen_k);
+
+  at::Tensor out = at::empty({s.total_q, s.h_q, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.h_q, s.total_q}, q.options().dtype(at::kFloat));
+  const at::Tensor lim = kv_limit.contiguous(), cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const SegmentAttnFwdParams p =
+      make_fwd_params(s, q, k, v, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out, lse);
+  cpu::segment_attn_fwd_cpu(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attn_bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_limit,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, std::optional<int64_t> max_seqlen_q,
+    std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+  constexpr const char* op = "ism.segment_attn_bwd";
+  const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  check_same_as(op, "dout", dout, "q", q);
+  check_same_as(op, "out", out, "q", q);
+  check_lse(op, "lse", lse, s, q);
+  if (dlse.has_value()) check_lse(op, "dlse", *dlse, s, q);
+  const auto [longest_q, longest_k] =
+      check_index_values_cpu(op, kv_limit, cu_seqlens_q, cu_seqlens_k, s, max_seqlen_q, max_seqlen_k);
+
+  // Gradients arriving from autograd may be expanded or sliced: the kernel needs only a
+  // contiguous last dimension for the [rows, heads, d] tensors and contiguous lse rows.
+  const at::Tensor dout_c = dout.stride(2) == 1 ? dout : dout.contiguous();
+  const at::Tensor out_c = out.stride(2) == 1 ? out : out.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
+  const at::Tensor lim = kv_limit.contiguous(), cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+
+  at::Tensor dq = at::empty({s.total_q, s.h_q, s.head_dim}, q.options());
+  at::Tensor dk = at::empty({s.total_k, s.h_kv, s.head_dim}, k.options());
+  at::Tensor dv = at::empty({s.total_k, s.h_kv, s.head_dim}, v.options());
+
+  SegmentAttnBwdParams p{};
+  static_cast<SegmentAttnFwdParams&>(p) =
+      make_fwd_params(s, q, k, v, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out_c, lse_c);
+  p.dout = dout_c.data_ptr();
+  p.dout_row_stride = dout_c.stride(0);
+  p.dout_head_stride = dout_c.stride(1);
+  p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_row_stride = dq.stride(0);
+  p.dq_head_stride = dq.stride(1);
+  p.dk_row_stride = dk.stride(0);
+  p.dk_head_stride = dk.stride(1);
+  p.dv_row_stride = dv.stride(0);
+  p.dv_head_stride = dv.stride(1);
+  cpu::segment_attn_bwd_cpu(p);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ism, m) {
+  m.def(
+      "segment_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_limit, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "segment_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor kv_limit, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, "
+      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(ism, CPU, m) {
+  m.impl("segment_attn_fwd", &segment_attn_fwd_cpu);
+  m.impl("segment_attn_bwd", &segment_attn_bwd_cpu);
+}
+
+}  // namespace ism

@@ -1,0 +1,54 @@
+// Fills the plain params structs of ism_params.h from validated tensors; shared by the CPU and
+// (later) CUDA implementations so that both read the tensors the same way.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "checks.h"
+#include "ism_params.h"
+
+namespace ism {
+
+inline DType to_dtype(at::ScalarType t) {
+  return t == at::kHalf ? DType::kFloat16 : (t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
+}
+
+inline SegmentAttnFwdParams make_fwd_params(const AttnShape& s, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& kv_limit,
+                                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                            int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                            const at::Tensor& out, const at::Tensor& lse) {
+  SegmentAttnFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.kv_limit = kv_limit.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_row_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_row_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_row_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.out_row_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.lse_head_stride = lse.stride(0);
+  p.batch = static_cast<int>(s.batch);
+  p.h_q = static_cast<int>(s.h_q);
+  p.h_kv = static_cast<int>(s.h_kv);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.total_q = static_cast<int>(s.total_q);
+  p.total_k = static_cast<int>(s.total_k);
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.dtype = to_dtype(q.scalar_type());
+  return p;
+}
+
+}  // namespace ism
