@@ -1,19 +1,23 @@
 // Float32 tile routines of the CPU kernels (see tile_math.h).
 //
 // Written with GCC/Clang vector extensions instead of intrinsics: a 16-float vector type lowers to
-// SSE2, AVX2 or AVX-512 instructions depending on the target, and `target_clones` compiles every
-// routine once per x86-64 level with a run-time dispatch, so one binary is fast on any machine and
-// still runs on a baseline x86-64 CPU. exp2 is a polynomial because a call to libm's exp per
-// element would cost more than the matrix products around it.
+// SSE2, AVX2 or AVX-512 instructions depending on the target. Each routine is compiled once per
+// x86-64 level (target_clones for the softmax steps, hand-picked register blocking for the GEMM)
+// with a run-time dispatch, so one binary is fast on any machine and still runs on a baseline CPU.
+// exp2 is a polynomial because a call to libm's exp per element would cost more than the matrix
+// products around it.
 #include "tile_math.h"
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+// Run-time dispatch needs GCC >= 11 (x86-64-v3/v4 names) and ifunc support (glibc on Linux).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
+#define ISM_X86_DISPATCH 1
 #define ISM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define ISM_X86_DISPATCH 0
 #define ISM_CPU_CLONES
 #endif
 
@@ -38,11 +42,11 @@ ISM_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 
 ISM_INLINE vf splat(float x) { return vf{} + x; }
 
-ISM_INLINE vi lane_index(int start) {
-  vi v;
-  for (int i = 0; i < kLanes; ++i) v[i] = start + i;
-  return v;
-}
+static_assert(kLanes == 16, "kIota and the reductions below are written for 16 lanes");
+constexpr vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// Lane j of the vector starting at column `start` is visible iff start + j < visible.
+ISM_INLINE vi visible_lanes(int start, int visible) { return kIota < (vi{} + (visible - start)); }
 
 // 2^x for x <= 128; returns 0 below -126 (and for -inf). Max relative error about 2e-7.
 ISM_INLINE vf exp2v(vf x) {
@@ -67,66 +71,145 @@ ISM_INLINE vf exp2v(vf x) {
   return x < splat(-126.f) ? splat(0.f) : r;
 }
 
+// Horizontal reductions as a tree of half-width vectors (a lane-by-lane loop would be scalarised).
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+template <typename Half, typename Full>
+ISM_INLINE void split(const Full& v, Half& lo, Half& hi) {
+  std::memcpy(&lo, &v, sizeof(Half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+}
+
 ISM_INLINE float hmax(vf v) {
-  float r = v[0];
-  for (int i = 1; i < kLanes; ++i) r = v[i] > r ? v[i] : r;
-  return r;
+  vf8 a, b;
+  split(v, a, b);
+  a = a > b ? a : b;
+  vf4 c, d;
+  split(a, c, d);
+  c = c > d ? c : d;
+  const float x = c[0] > c[1] ? c[0] : c[1], y = c[2] > c[3] ? c[2] : c[3];
+  return x > y ? x : y;
 }
 
 ISM_INLINE float hsum(vf v) {
-  float r = 0.f;
-  for (int i = 0; i < kLanes; ++i) r += v[i];
-  return r;
+  vf8 a, b;
+  split(v, a, b);
+  a += b;
+  vf4 c, d;
+  split(a, c, d);
+  c += d;
+  return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
-// MR rows x kLanes columns of C, kept in registers over the whole k loop.
-template <int MR>
-ISM_INLINE void micro_tile(int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  vf acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = accumulate ? load(c + i * ldc) : splat(0.f);
+// MR rows x (NV * kLanes) columns of C, kept in registers over the whole k loop.
+template <int MR, int NV>
+ISM_INLINE void micro_tile(int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                           float* c, int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? load(c + i * ldc + v * kLanes) : splat(0.f);
   for (int p = 0; p < k; ++p) {
-    const vf bp = load(b + p * ldb);
+    vf bp[NV];
+    for (int v = 0; v < NV; ++v) bp[v] = load(b + p * ldb + v * kLanes);
     const float* ap = a + p * a_cs;
-    for (int i = 0; i < MR; ++i) acc[i] += ap[i * a_rs] * bp;
+    for (int i = 0; i < MR; ++i) {
+      const float ai = ap[i * a_rs];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bp[v];
+    }
   }
-  for (int i = 0; i < MR; ++i) store(c + i * ldc, acc[i]);
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * kLanes, acc[i][v]);
+}
+
+// The last `rows` (< MR) rows of a panel: picks the micro tile of exactly that height.
+template <int R, int NV>
+ISM_INLINE void leftover_rows(int rows, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      micro_tile<R, NV>(k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    else
+      leftover_rows<R - 1, NV>(rows, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+  }
+}
+
+// C = A * B: column panels of NV vectors (then single vectors), each swept by MR-row micro tiles.
+template <int MR, int NV>
+ISM_INLINE void gemm_body(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int j = 0;
+  for (; j + NV * kLanes <= n; j += NV * kLanes) {
+    int i = 0;
+    for (; i + MR <= m; i += MR)
+      micro_tile<MR, NV>(k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+    leftover_rows<MR - 1, NV>(m - i, k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+  }
+  if constexpr (NV > 1) {
+    if (j < n) gemm_body<MR, 1>(m, n - j, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, accumulate);
+  }
+}
+
+using GemmFn = void (*)(int, int, int, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                        bool);
+
+// The register blocking depends on the register file, so each level gets its own shape instead of
+// one target_clones body: 8 x 32 floats use 16 of AVX-512's 32 registers, 6 x 16 use 12 of AVX2's
+// 16, 2 x 16 use 8 of SSE2's 16. Enough independent accumulators hide the FMA latency.
+#if ISM_X86_DISPATCH
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2"))) void gemm_avx512(
+    int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+    int64_t ldc, bool accumulate) {
+  gemm_body<8, 2>(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+}
+
+__attribute__((target("avx2,fma,bmi2"))) void gemm_avx2(int m, int n, int k, const float* a, int64_t a_rs,
+                                                         int64_t a_cs, const float* b, int64_t ldb, float* c,
+                                                         int64_t ldc, bool accumulate) {
+  gemm_body<6, 1>(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+}
+#endif
+
+void gemm_baseline(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                   float* c, int64_t ldc, bool accumulate) {
+  gemm_body<2, 1>(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+}
+
+GemmFn pick_gemm() {
+#if ISM_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return gemm_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemm_avx2;
+#endif
+  return gemm_baseline;
 }
 
 }  // namespace
 
-ISM_CPU_CLONES
-void gemm_f32(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  constexpr int MR = 6;  // 6 x 16 accumulators fill 12 of AVX2's 16 vector registers
-  for (int j = 0; j < n; j += kLanes) {
-    int i = 0;
-    for (; i + MR <= m; i += MR)
-      micro_tile<MR>(k, a + i * a_rs, a_rs, a_cs, b + j, ldb, c + i * ldc + j, ldc, accumulate);
-    const float* ai = a + i * a_rs;
-    float* ci = c + i * ldc + j;
-    switch (m - i) {
-      case 5: micro_tile<5>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, accumulate); break;
-      case 4: micro_tile<4>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, accumulate); break;
-      case 3: micro_tile<3>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, accumulate); break;
-      case 2: micro_tile<2>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, accumulate); break;
-      case 1: micro_tile<1>(k, ai, a_rs, a_cs, b + j, ldb, ci, ldc, accumulate); break;
-      default: break;
-    }
-  }
+void gemm_f32(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+              float* c, int64_t ldc, bool accumulate) {
+  static const GemmFn fn = pick_gemm();
+  fn(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
 }
 
 ISM_CPU_CLONES
-void softmax_tile_update(float* s, int m, int n_pad, const int* visible, float* row_max,
-                         float* row_sum, float* acc, int64_t ld_acc, int d_pad) {
+void softmax_tile_update(float* s, int m, int n_pad, const int* visible, float* row_max, float* row_sum,
+                         float* acc, int64_t ld_acc, int d_pad) {
   for (int r = 0; r < m; ++r) {
     float* sr = s + static_cast<int64_t>(r) * n_pad;
-    const vi vis = vi{} + visible[r];
+    const int vis = visible[r];
+    // Masked lanes only occur in the vector holding column `vis` and the ones after it.
+    const int full_end = vis / kLanes * kLanes;
     vf vmax = splat(kNegInf);
-    for (int j = 0; j < n_pad; j += kLanes) {
+    for (int j = 0; j < full_end; j += kLanes) {
       const vf x = load(sr + j);
-      const vf xm = lane_index(j) < vis ? x : splat(kNegInf);
-      vmax = xm > vmax ? xm : vmax;
+      vmax = x > vmax ? x : vmax;
+    }
+    for (int j = full_end; j < n_pad; j += kLanes) {
+      const vf x = visible_lanes(j, vis) ? load(sr + j) : splat(kNegInf);
+      vmax = x > vmax ? x : vmax;
     }
     const float old_max = row_max[r];
     const float tile_max = hmax(vmax);
@@ -137,9 +220,13 @@ void softmax_tile_update(float* s, int m, int n_pad, const int* visible, float* 
     }
     const vf vnew = splat(new_max);
     vf vsum = splat(0.f);
-    for (int j = 0; j < n_pad; j += kLanes) {
-      const vf e = exp2v(load(sr + j) - vnew);
-      const vf p = lane_index(j) < vis ? e : splat(0.f);
+    for (int j = 0; j < full_end; j += kLanes) {
+      const vf p = exp2v(load(sr + j) - vnew);
+      store(sr + j, p);
+      vsum += p;
+    }
+    for (int j = full_end; j < n_pad; j += kLanes) {
+      const vf p = visible_lanes(j, vis) ? exp2v(load(sr + j) - vnew) : splat(0.f);
       store(sr + j, p);
       vsum += p;
     }
@@ -158,13 +245,12 @@ ISM_CPU_CLONES
 void probs_from_lse(float* s, int m, int n_pad, const int* visible, const float* lse2) {
   for (int r = 0; r < m; ++r) {
     float* sr = s + static_cast<int64_t>(r) * n_pad;
-    const vi vis = vi{} + visible[r];
     // A row with nothing visible has lse = -inf; its probabilities are all masked to 0 below, and
     // the offset is replaced so that no inf - inf is ever formed.
     const vf off = splat(visible[r] > 0 ? lse2[r] : 0.f);
     for (int j = 0; j < n_pad; j += kLanes) {
       const vf e = exp2v(load(sr + j) - off);
-      store(sr + j, lane_index(j) < vis ? e : splat(0.f));
+      store(sr + j, visible_lanes(j, visible[r]) ? e : splat(0.f));
     }
   }
 }
