@@ -6,9 +6,11 @@
 
 namespace ism::cpu {
 
-// Tile sizes of the CPU kernels: 64 x 64 float32 score tiles (16 KiB) keep the working set of a
-// tile (q, k, v, scores, accumulator at head dim 128: about 150 KiB) inside a core's L2 cache.
-constexpr int kTileQ = 64;
+// Tile sizes of the CPU kernels. A key tile is converted (and K transposed) once per query tile,
+// so taller query tiles amortise that better: 128 x 64 measured faster than 64 x 64 on an AVX-512
+// machine at 2k-4k tokens. The working set of a tile (q, k, v, scores, accumulator at head dim 128:
+// about 200 KiB) stays inside a core's L2 cache.
+constexpr int kTileQ = 128;
 constexpr int kTileK = 64;
 
 // out and lse from q, k, v.
