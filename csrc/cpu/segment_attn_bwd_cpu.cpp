@@ -46,12 +46,12 @@ struct QueryTiles {
 };
 
 struct BwdScratch {
-  std::vector<float> q, dout, kt, vt, kf, s, dp, acc_a, acc_b, lse2, delta;
+  std::vector<float> q, dout, kt, vt, kf, s, dp, dq, dk, dv, lse2, delta;
   std::vector<int> visible;
   explicit BwdScratch(int d_pad)
       : q(kTileQ * d_pad), dout(kTileQ * d_pad), kt(d_pad * kTileK), vt(d_pad * kTileK),
-        kf(kTileK * d_pad), s(kTileQ * kTileK), dp(kTileQ * kTileK), acc_a(kTileK * d_pad),
-        acc_b(kTileK * d_pad), lse2(kTileQ), delta(kTileQ), visible(kTileQ) {}
+        kf(kTileK * d_pad), s(kTileQ * kTileK), dp(kTileQ * kTileK), dq(kTileQ * d_pad),
+        dk(kTileK * d_pad), dv(kTileK * d_pad), lse2(kTileQ), delta(kTileQ), visible(kTileQ) {}
 };
 
 // Loads the query-side operands of rows [q0, q0 + m) of head h: q (scaled into the log2 domain),
@@ -89,8 +89,8 @@ void dq_tile(const SegmentAttnBwdParams& p, const float* delta, const WorkItem& 
   for (int r = 0; r < m; ++r) max_limit = std::max(max_limit, limit[r]);
 
   load_query_side<T>(p, delta, q0, m, h, w);
-  float* dq = w.acc_a.data();
-  std::fill(dq, dq + kTileQ * d_pad, 0.f);
+  float* dq = w.dq.data();
+  std::fill(w.dq.begin(), w.dq.end(), 0.f);
   const int64_t k_begin = p.cu_seqlens_k[item.seq];
   const T* k = static_cast<const T*>(p.k) + k_begin * p.k_row_stride + h_kv * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + k_begin * p.v_row_stride + h_kv * p.v_head_stride;
@@ -122,10 +122,10 @@ void dkdv_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTil
                        p.k_row_stride, n, d, w.kt.data(), kTileK);
   load_tile_transposed(static_cast<const T*>(p.v) + k_row * p.v_row_stride + h_kv * p.v_head_stride,
                        p.v_row_stride, n, d, w.vt.data(), kTileK);
-  float* dk = w.acc_a.data();
-  float* dv = w.acc_b.data();
-  std::fill(dk, dk + kTileK * d_pad, 0.f);
-  std::fill(dv, dv + kTileK * d_pad, 0.f);
+  float* dk = w.dk.data();
+  float* dv = w.dv.data();
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
 
   const int q_begin = p.cu_seqlens_q[item.seq], q_len = p.cu_seqlens_q[item.seq + 1] - q_begin;
   for (int g = 0; g < group; ++g) {
