@@ -121,7 +121,7 @@ def make_case(
     k = torch.randn(tk, heads_kv, head_dim, generator=gen).to(dtype)
     v = torch.randn(tk, heads_kv, head_dim, generator=gen).to(dtype)
     lim: list[int] = []
-    for lq, lk in zip(seqlens_q, seqlens_k):
+    for lq, lk in zip(seqlens_q, seqlens_k, strict=True):
         lim += random_limits(rng, lq, lk, limits)
     return Case(
         q, k, v, torch.tensor(lim, dtype=torch.int32), _cu(seqlens_q), _cu(seqlens_k),

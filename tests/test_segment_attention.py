@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -179,7 +177,7 @@ def test_backward_is_deterministic_and_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     for other in grads[1:]:
-        for a, b in zip(grads[0], other):
+        for a, b in zip(grads[0], other, strict=True):
             assert torch.equal(a, b)
 
 
@@ -214,7 +212,7 @@ def test_fuzz(seqlens, group, heads_kv, head_dim, limits, dtype, seed):
     seqlens_k = [lk for lk, _ in seqlens]
     seqlens_q = [min(lk, lq) for lk, lq in seqlens]
     if limits != "random":
-        seqlens_q = [lk if i % 2 else lq for i, (lk, lq) in enumerate(zip(seqlens_k, seqlens_q))]
+        seqlens_q = [lk if i % 2 else lq for i, (lk, lq) in enumerate(zip(seqlens_k, seqlens_q, strict=True))]
     case = make_case(seqlens_q, seqlens_k, heads_q=heads_kv * group, heads_kv=heads_kv, head_dim=head_dim,
                      dtype=dtype, limits=limits, seed=seed)
     _run(case, grad=True)

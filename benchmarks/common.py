@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmarks: layouts, FLOP counting, timing, memory, and result records.
+
+FLOPs follow DESIGN.md (FlashAttention's convention): only visible (query, key) pairs count,
+forward = 4 * head_dim * q_heads * pairs, backward = 2.5 x forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ism_ext.layouts import kv_limit_for_turns
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def ism_turns(tokens: int, rounds: int = 8) -> list[tuple[str, int]]:
+    """An n-round dialogue: a system prompt, then (user, assistant) rounds of equal length."""
+    unit = tokens // (2 * rounds + 1)
+    turns = [("system", unit)] + [("user", unit), ("assistant", unit)] * rounds
+    turns[-1] = ("assistant", tokens - unit * 2 * rounds)
+    return turns
+
+
+def layout_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
+    """kv_limit of an 8-round dialogue of `tokens` tokens under `scheme`."""
+    return kv_limit_for_turns(ism_turns(tokens), scheme)
+
+
+def visible_pairs(kv_limit: torch.Tensor) -> int:
+    """Number of (query, key) pairs the mask lets through (one head, one sequence or a batch)."""
+    return int(kv_limit.long().sum())
+
+
+def attention_flops(kv_limit: torch.Tensor, heads_q: int, head_dim: int, backward: bool) -> float:
+    """FLOPs of forward (or forward + backward) attention over the visible pairs."""
+    fwd = 4.0 * head_dim * heads_q * visible_pairs(kv_limit)
+    return fwd * 3.5 if backward else fwd
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of `fn` in milliseconds after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+class CpuPeakMemory:
+    """Peak resident memory that a call adds, from Linux's VmHWM (reset through clear_refs).
+
+    glibc is told to serve every block over 128 KiB with mmap and to never raise that threshold, so
+    freed tensors leave the resident set and the baseline before each call is honest.
+    """
+
+    def __init__(self) -> None:
+        self.available = platform.system() == "Linux"
+        if self.available:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, disables the dynamic threshold
+            self._trim = libc.malloc_trim
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def measure_mb(self, fn: Callable[[], Any]) -> float | None:
+        """MB of resident memory above the pre-call level at the call's peak (None off Linux)."""
+        if not self.available:
+            return None
+        gc.collect()
+        self._trim(0)
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = self._status_kb("VmRSS")
+        result = fn()
+        peak = self._status_kb("VmHWM")
+        del result
+        return max(0.0, (peak - before) / 1024.0)
+
+
+def git_commit() -> str:
+    """Short hash of HEAD (with '+dirty' when the tree has changes), or 'unknown'."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Fields every record carries: device, torch version, CUDA version, commit."""
+    env = {
+        "device": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+    }
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["device"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_records(name: str, records: list[dict[str, Any]]) -> pathlib.Path:
+    """Writes `records` to benchmarks/results/<name>.json and returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path

@@ -1,0 +1,25 @@
+"""Command line: `python -m ism_ext <command>`."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"demo": "masks of a sample dialogue, their pictures, and the op checked and timed"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatches to the sub-command named by the first argument."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m ism_ext <command> [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if argv[0] == "demo":
+        from .demo import main as demo_main
+
+        demo_main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
