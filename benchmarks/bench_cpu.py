@@ -40,6 +40,9 @@ def _ism(q, k, v, kv_limit):
 def _flex_factory(kv_limit: torch.Tensor, tokens: int):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # Each shape compiles anew; past dynamo's recompile limit flex_attention would silently fall back to
+    # its eager (dense, unfused) path and the numbers would be meaningless, so start from a clean slate.
+    torch._dynamo.reset()
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx < kv_limit[q_idx]
 

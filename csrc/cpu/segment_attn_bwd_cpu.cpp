@@ -17,33 +17,13 @@
 
 #include "../tile_range.h"
 #include "segment_attn_cpu.h"
+#include "query_tiles.h"
 #include "tile_io.h"
 #include "tile_math.h"
 #include "work_queue.h"
 
 namespace ism::cpu {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// Largest kv_limit of every query tile, indexed by tile_offset[seq] + tile.
-struct QueryTiles {
-  std::vector<int> offset;     // [batch + 1]
-  std::vector<int> max_limit;  // [total tiles]
-
-  explicit QueryTiles(const SegmentAttnFwdParams& p) : offset(p.batch + 1, 0) {
-    for (int b = 0; b < p.batch; ++b) {
-      const int q_begin = p.cu_seqlens_q[b], len = p.cu_seqlens_q[b + 1] - q_begin;
-      offset[b + 1] = offset[b] + (len + kTileQ - 1) / kTileQ;
-      for (int r0 = 0; r0 < len; r0 += kTileQ) {
-        int mx = 0;
-        for (int r = r0; r < std::min(len, r0 + kTileQ); ++r) mx = std::max(mx, p.kv_limit[q_begin + r]);
-        max_limit.push_back(mx);
-      }
-    }
-  }
-};
 
 struct BwdScratch {
   std::vector<float> q, dout, kt, vt, kf, s, dp, dq, dk, dv, lse2, delta;
@@ -79,14 +59,14 @@ void probs_and_score_grad(const SegmentAttnBwdParams& p, int m, BwdScratch& w) {
 }
 
 template <typename T>
-void dq_tile(const SegmentAttnBwdParams& p, const float* delta, const WorkItem& item, BwdScratch& w) {
+void dq_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTiles& tiles, const WorkItem& item,
+             BwdScratch& w) {
   const int d = p.head_dim, d_pad = round_up_lanes(d);
-  const int q0 = p.cu_seqlens_q[item.seq] + item.tile * kTileQ;
-  const int m = std::min(kTileQ, p.cu_seqlens_q[item.seq + 1] - q0);
+  const int q_begin = p.cu_seqlens_q[item.seq], q0 = q_begin + item.tile * kTileQ;
+  const int m = tile_rows(p.cu_seqlens_q[item.seq + 1] - q_begin, item.tile);
   const int h = item.head, h_kv = h / (p.h_q / p.h_kv);
   const int32_t* limit = p.kv_limit + q0;
-  int max_limit = 0;
-  for (int r = 0; r < m; ++r) max_limit = std::max(max_limit, limit[r]);
+  const int max_limit = tiles.max_limit_of(item.seq, item.tile);
 
   load_query_side<T>(p, delta, q0, m, h, w);
   float* dq = w.dq.data();
@@ -130,9 +110,9 @@ void dkdv_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTil
   const int q_begin = p.cu_seqlens_q[item.seq], q_len = p.cu_seqlens_q[item.seq + 1] - q_begin;
   for (int g = 0; g < group; ++g) {
     const int h = h_kv * group + g;
-    for (int qt = 0; qt * kTileQ < q_len; ++qt) {
-      if (!query_tile_sees_key_tile(tiles.max_limit[tiles.offset[item.seq] + qt], k0)) continue;
-      const int q0 = q_begin + qt * kTileQ, m = std::min(kTileQ, q_len - qt * kTileQ);
+    for (int qt = 0; qt < tiles.count(item.seq); ++qt) {
+      if (!query_tile_sees_key_tile(tiles.max_limit_of(item.seq, qt), k0)) continue;
+      const int q0 = q_begin + qt * kTileQ, m = tile_rows(q_len, qt);
       load_query_side<T>(p, delta, q0, m, h, w);
       for (int r = 0; r < m; ++r) w.visible[r] = visible_keys(p.kv_limit[q0 + r], k0, n);
       probs_and_score_grad(p, m, w);
@@ -175,14 +155,13 @@ void bwd_impl(const SegmentAttnBwdParams& p) {
   std::vector<WorkItem> items;
   for (int b = 0; b < p.batch; ++b) {
     const int q_len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    for (int t = 0; t < tiles.offset[b + 1] - tiles.offset[b]; ++t) {
-      const int64_t cost = static_cast<int64_t>(std::min(kTileQ, q_len - t * kTileQ)) *
-                               tiles.max_limit[tiles.offset[b] + t] + 1;
+    for (int t = 0; t < tiles.count(b); ++t) {
+      const int64_t cost = static_cast<int64_t>(tile_rows(q_len, t)) * tiles.max_limit_of(b, t) + 1;
       for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
     }
   }
   run_heavy_first(items, make_scratch,
-                  [&](const WorkItem& item, BwdScratch& w) { dq_tile<T>(p, delta.data(), item, w); });
+                  [&](const WorkItem& item, BwdScratch& w) { dq_tile<T>(p, delta.data(), tiles, item, w); });
 
   items.clear();
   for (int b = 0; b < p.batch; ++b) {

@@ -13,6 +13,11 @@ namespace ism::cpu {
 constexpr int kTileQ = 128;
 constexpr int kTileK = 64;
 
+// Scores are kept in the log2 domain (exp2 is cheaper than exp): q is scaled by
+// softmax_scale * log2(e) once, and the log-sum-exp converted back with ln(2).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 // out and lse from q, k, v.
 void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params);
 

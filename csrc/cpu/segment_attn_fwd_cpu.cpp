@@ -12,15 +12,13 @@
 
 #include "../tile_range.h"
 #include "segment_attn_cpu.h"
+#include "query_tiles.h"
 #include "tile_io.h"
 #include "tile_math.h"
 #include "work_queue.h"
 
 namespace ism::cpu {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 struct FwdScratch {
   std::vector<float> q, kt, v, s, acc, row_max, row_sum;
@@ -31,16 +29,14 @@ struct FwdScratch {
 };
 
 template <typename T>
-void fwd_tile(const SegmentAttnFwdParams& p, const WorkItem& item, FwdScratch& w) {
+void fwd_tile(const SegmentAttnFwdParams& p, const QueryTiles& tiles, const WorkItem& item, FwdScratch& w) {
   const int d = p.head_dim, d_pad = round_up_lanes(d);
   const int q_begin = p.cu_seqlens_q[item.seq], k_begin = p.cu_seqlens_k[item.seq];
   const int q0 = q_begin + item.tile * kTileQ;
-  const int m = std::min(kTileQ, p.cu_seqlens_q[item.seq + 1] - q0);
+  const int m = tile_rows(p.cu_seqlens_q[item.seq + 1] - q_begin, item.tile);
   const int h = item.head, h_kv = h / (p.h_q / p.h_kv);
   const int32_t* limit = p.kv_limit + q0;
-
-  int max_limit = 0;
-  for (int r = 0; r < m; ++r) max_limit = std::max(max_limit, limit[r]);
+  const int max_limit = tiles.max_limit_of(item.seq, item.tile);
 
   // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
   const T* q = static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride;
@@ -78,20 +74,19 @@ void fwd_tile(const SegmentAttnFwdParams& p, const WorkItem& item, FwdScratch& w
 
 template <typename T>
 void fwd_impl(const SegmentAttnFwdParams& p) {
+  const QueryTiles tiles(p);
   std::vector<WorkItem> items;
   for (int b = 0; b < p.batch; ++b) {
-    const int q_begin = p.cu_seqlens_q[b], len = p.cu_seqlens_q[b + 1] - q_begin;
-    for (int tile = 0; tile * kTileQ < len; ++tile) {
-      const int r0 = q_begin + tile * kTileQ, m = std::min(kTileQ, len - tile * kTileQ);
-      int max_limit = 0;
-      for (int r = 0; r < m; ++r) max_limit = std::max(max_limit, p.kv_limit[r0 + r]);
-      for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, tile, static_cast<int64_t>(m) * max_limit + 1});
+    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    for (int t = 0; t < tiles.count(b); ++t) {
+      const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1;
+      for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
     }
   }
   const int d_pad = round_up_lanes(p.head_dim);
   run_heavy_first(
       items, [d_pad] { return FwdScratch(d_pad); },
-      [&p](const WorkItem& item, FwdScratch& w) { fwd_tile<T>(p, item, w); });
+      [&p, &tiles](const WorkItem& item, FwdScratch& w) { fwd_tile<T>(p, tiles, item, w); });
 }
 
 }  // namespace
