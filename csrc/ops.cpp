@@ -63,22 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attn_bwd_cpu(
   at::Tensor dk = at::empty({s.total_k, s.h_kv, s.head_dim}, k.options());
   at::Tensor dv = at::empty({s.total_k, s.h_kv, s.head_dim}, v.options());
 
-  SegmentAttnBwdParams p{};
-  static_cast<SegmentAttnFwdParams&>(p) =
-      make_fwd_params(s, q, k, v, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out_c, lse_c);
-  p.dout = dout_c.data_ptr();
-  p.dout_row_stride = dout_c.stride(0);
-  p.dout_head_stride = dout_c.stride(1);
-  p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_row_stride = dq.stride(0);
-  p.dq_head_stride = dq.stride(1);
-  p.dk_row_stride = dk.stride(0);
-  p.dk_head_stride = dk.stride(1);
-  p.dv_row_stride = dv.stride(0);
-  p.dv_head_stride = dv.stride(1);
+  const SegmentAttnBwdParams p = make_bwd_params(
+      make_fwd_params(s, q, k, v, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out_c, lse_c), dout_c,
+      dlse_c, dq, dk, dv);
   cpu::segment_attn_bwd_cpu(p);
   return {dq, dk, dv};
 }

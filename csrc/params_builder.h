@@ -51,4 +51,26 @@ inline SegmentAttnFwdParams make_fwd_params(const AttnShape& s, const at::Tensor
   return p;
 }
 
+// The backward's params: the forward's (with `out`/`lse` as inputs) plus the gradients in and out.
+inline SegmentAttnBwdParams make_bwd_params(const SegmentAttnFwdParams& fwd, const at::Tensor& dout,
+                                            const at::Tensor& dlse, const at::Tensor& dq, const at::Tensor& dk,
+                                            const at::Tensor& dv) {
+  SegmentAttnBwdParams p{};
+  static_cast<SegmentAttnFwdParams&>(p) = fwd;
+  p.dout = dout.data_ptr();
+  p.dout_row_stride = dout.stride(0);
+  p.dout_head_stride = dout.stride(1);
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_row_stride = dq.stride(0);
+  p.dq_head_stride = dq.stride(1);
+  p.dk_row_stride = dk.stride(0);
+  p.dk_head_stride = dk.stride(1);
+  p.dv_row_stride = dv.stride(0);
+  p.dv_head_stride = dv.stride(1);
+  return p;
+}
+
 }  // namespace ism
