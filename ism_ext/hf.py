@@ -59,21 +59,28 @@ class IsmMask:
 
 def ism_mask_function(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function: Any = None,
     attention_mask: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> IsmMask:
-    """The `AttentionMaskInterface` entry of `"ism"`: records the padding mask and the sizes, builds nothing."""
+    """The `AttentionMaskInterface` entry of `"ism"`: records the padding mask and the sizes, builds nothing.
+
+    Recent 5.x releases (5.10 and 5.23 here) pass `q_length` and `device`; 5.0 passes `cache_position` instead.
+    """
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         raise ValueError(
             "the ism attention needs a full KV cache (kv_offset = 0); sliding-window caches are not supported"
         )
-    return IsmMask(batch_size, q_length, kv_length, attention_mask, torch.device(device))
+    if q_length is None:
+        q_length = cache_position.shape[0]
+        device = cache_position.device if device is None else device
+    return IsmMask(batch_size, q_length, kv_length, attention_mask, torch.device(device or "cpu"))
 
 
 def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any], kv_len: int) -> None:
