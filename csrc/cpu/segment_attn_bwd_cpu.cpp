@@ -39,10 +39,10 @@ struct BwdScratch {
 template <typename T>
 void load_query_side(const SegmentAttnBwdParams& p, const float* delta, int q0, int m, int h, BwdScratch& w) {
   const int d = p.head_dim, d_pad = round_up_lanes(d);
-  load_tile(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride, m, d,
-            p.softmax_scale * kLog2e, w.q.data(), d_pad);
-  load_tile(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride,
-            m, d, 1.f, w.dout.data(), d_pad);
+  const T* q = static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride;
+  load_tile(strided_rows(q, p.q_row_stride), 0, m, d, p.softmax_scale * kLog2e, w.q.data(), d_pad);
+  load_tile(strided_rows(dout, p.dout_row_stride), 0, m, d, 1.f, w.dout.data(), d_pad);
   for (int r = 0; r < m; ++r) {
     w.lse2[r] = p.lse[h * p.lse_head_stride + q0 + r] * kLog2e;
     w.delta[r] = delta[static_cast<int64_t>(h) * p.total_q + q0 + r];
@@ -72,20 +72,22 @@ void dq_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTiles
   float* dq = w.dq.data();
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
   const int64_t k_begin = p.cu_seqlens_k[item.seq];
-  const T* k = static_cast<const T*>(p.k) + k_begin * p.k_row_stride + h_kv * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + k_begin * p.v_row_stride + h_kv * p.v_head_stride;
+  const auto k_rows = strided_rows(static_cast<const T*>(p.k) + k_begin * p.k_row_stride + h_kv * p.k_head_stride,
+                                   p.k_row_stride);
+  const auto v_rows = strided_rows(static_cast<const T*>(p.v) + k_begin * p.v_row_stride + h_kv * p.v_head_stride,
+                                   p.v_row_stride);
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    load_tile_transposed(k + k0 * p.k_row_stride, p.k_row_stride, n, d, w.kt.data(), kTileK);
-    load_tile_transposed(v + k0 * p.v_row_stride, p.v_row_stride, n, d, w.vt.data(), kTileK);
-    load_tile(k + k0 * p.k_row_stride, p.k_row_stride, n, d, 1.f, w.kf.data(), d_pad);
+    load_tile_transposed(k_rows, k0, n, d, w.kt.data(), kTileK);
+    load_tile_transposed(v_rows, k0, n, d, w.vt.data(), kTileK);
+    load_tile(k_rows, k0, n, d, 1.f, w.kf.data(), d_pad);
     for (int r = 0; r < m; ++r) w.visible[r] = visible_keys(limit[r], k0, n);
     probs_and_score_grad(p, m, w);
     gemm_f32(m, d_pad, n, w.dp.data(), kTileK, 1, w.kf.data(), d_pad, dq, d_pad, true);
   }
   store_tile(dq, d_pad, m, d, p.softmax_scale,
-             static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride);
+             strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
 }
 
 template <typename T>
@@ -98,10 +100,10 @@ void dkdv_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTil
   const int h_kv = item.head, group = p.h_q / p.h_kv;
 
   const int64_t k_row = k_begin + k0;
-  load_tile_transposed(static_cast<const T*>(p.k) + k_row * p.k_row_stride + h_kv * p.k_head_stride,
-                       p.k_row_stride, n, d, w.kt.data(), kTileK);
-  load_tile_transposed(static_cast<const T*>(p.v) + k_row * p.v_row_stride + h_kv * p.v_head_stride,
-                       p.v_row_stride, n, d, w.vt.data(), kTileK);
+  load_tile_transposed(strided_rows(static_cast<const T*>(p.k) + k_row * p.k_row_stride + h_kv * p.k_head_stride,
+                                    p.k_row_stride), 0, n, d, w.kt.data(), kTileK);
+  load_tile_transposed(strided_rows(static_cast<const T*>(p.v) + k_row * p.v_row_stride + h_kv * p.v_head_stride,
+                                    p.v_row_stride), 0, n, d, w.vt.data(), kTileK);
   float* dk = w.dk.data();
   float* dv = w.dv.data();
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
@@ -122,10 +124,12 @@ void dkdv_tile(const SegmentAttnBwdParams& p, const float* delta, const QueryTil
     }
   }
   // q was scaled by softmax_scale * log2(e); dk = softmax_scale * dS^T q, hence the ln 2.
-  store_tile(dk, d_pad, n, d, kLn2, static_cast<T*>(p.dk) + k_row * p.dk_row_stride + h_kv * p.dk_head_stride,
-             p.dk_row_stride);
-  store_tile(dv, d_pad, n, d, 1.f, static_cast<T*>(p.dv) + k_row * p.dv_row_stride + h_kv * p.dv_head_stride,
-             p.dv_row_stride);
+  store_tile(dk, d_pad, n, d, kLn2,
+             strided_rows(static_cast<T*>(p.dk) + k_row * p.dk_row_stride + h_kv * p.dk_head_stride, p.dk_row_stride),
+             0);
+  store_tile(dv, d_pad, n, d, 1.f,
+             strided_rows(static_cast<T*>(p.dv) + k_row * p.dv_row_stride + h_kv * p.dv_head_stride, p.dv_row_stride),
+             0);
 }
 
 // delta = rowsum(dout * out) - dlse, float32 [h_q, total_q].
