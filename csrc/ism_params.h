@@ -61,3 +61,45 @@ struct SegmentAttnBwdParams : SegmentAttnFwdParams {
 };
 
 }  // namespace ism
+
+namespace ism {
+
+// Attention that appends new keys/values into a KV cache in place and attends over the cache.
+//   q            [b, lq, h_q, d]          new queries (lq = 1 for decode, or a whole new segment)
+//   k_new/v_new  [b, lq_new, h_kv, d]     written at positions cache_seqlens[s] .. of sequence s
+//                                          (lq_new = lq, or 0 to attend without appending)
+//   cache        contiguous [b_cache, capacity, h_kv, d] (row of sequence s: cache_batch_idx[s], or s)
+//                or paged [num_pages, page_size, h_kv, d] with block_table [b, max_pages]
+//   kv_limit     [b, lq] int32: query i of sequence s sees cache positions j < kv_limit[s][i]
+//   out          [b, lq, h_q, d];  lse [b, h_q, lq] float32
+struct KVCacheAttnParams {
+  const void* q;
+  const void* k_new;
+  const void* v_new;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* cache_seqlens;    // [b], lengths before this call's append
+  const int32_t* kv_limit;         // [b * lq]
+  const int32_t* cache_batch_idx;  // [b] or nullptr (contiguous caches only)
+  const int32_t* block_table;      // [b, max_pages] or nullptr (paged caches only)
+  void* out;
+  float* lse;
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_new_batch_stride, k_new_row_stride, k_new_head_stride;
+  int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride;
+  // Contiguous: batch = stride of one cache row; paged: batch = stride of one page.
+  int64_t k_cache_batch_stride, k_cache_row_stride, k_cache_head_stride;
+  int64_t v_cache_batch_stride, v_cache_row_stride, v_cache_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;
+  int64_t block_table_batch_stride;
+
+  int batch, seqlen_q, seqlen_new;
+  int h_q, h_kv, head_dim;
+  int page_size;  // 0 for a contiguous cache
+  float softmax_scale;
+  DType dtype;
+};
+
+}  // namespace ism

@@ -81,6 +81,11 @@ TORCH_LIBRARY(ism, m) {
       "segment_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor kv_limit, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, "
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Mutates the caches (in-place append); not differentiable (inference).
+  m.def(
+      "attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
+      "Tensor cache_seqlens, Tensor kv_limit, Tensor? cache_batch_idx, Tensor? block_table, float softmax_scale) "
+      "-> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(ism, CPU, m) {

@@ -25,4 +25,7 @@ void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params);
 // element is written by exactly one work item, in a fixed order.
 void segment_attn_bwd_cpu(const SegmentAttnBwdParams& params);
 
+// Writes k_new/v_new into the cache at cache_seqlens[b].., then attends q over the updated cache.
+void kvcache_attn_cpu(const KVCacheAttnParams& params);
+
 }  // namespace ism::cpu
