@@ -1,0 +1,97 @@
+"""A tiny, offline chat tokenizer for tests (not a test module).
+
+`make_tokenizer()` trains a byte-level BPE (vocabulary of about 500) on a few hundred generated sentences with
+the `tokenizers` library and wraps it in a `transformers.PreTrainedTokenizerFast` with a ChatML chat template
+(the Qwen / SmolLM2 style). Nothing is downloaded; building takes a few milliseconds and the result is cached.
+`sample_dialogues()` produces random multi-round chats from the same word list.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+# ChatML as used by Qwen2.5 / SmolLM2 instruct models (without their default system prompt):
+# `<|im_start|>{role}\n{content}<|im_end|>\n` per message, generation prompt `<|im_start|>assistant\n`.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+WORDS = (
+    "the a cat dog sat on mat and ran fast slow red blue green big small house tree river sun moon star "
+    "what is why how when where who can you tell me about please thanks yes no maybe answer question "
+    "one two three four five six seven eight nine ten plus minus equals number word sentence model token "
+    "attention mask segment turn user assistant system round history query data train test learn read write"
+).split()
+
+
+def _corpus(n: int, seed: int) -> list[str]:
+    """`n` random sentences over `WORDS` plus the chat role names, so BPE learns merges for them."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(n)]
+    # Sentence-initial words without a leading space, and a few digits and punctuation.
+    lines += [w.capitalize() + " " + w + "." for w in WORDS] + ["0 1 2 3 4 5 6 7 8 9 , ; : ( ) \n"]
+    return lines
+
+
+def build_tokenizer(chat_template: str | None = CHATML_TEMPLATE, vocab_size: int = 500) -> PreTrainedTokenizerFast:
+    """Trains and returns a fresh tiny byte-level BPE chat tokenizer (uncached: safe to modify).
+
+    Special tokens: `<|endoftext|>` (id 0, pad), `<|im_start|>` (id 1), `<|im_end|>` (id 2, eos, as in
+    instruct models where the end-of-turn token stops generation).
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False: offsets must cover every character (the data pipeline maps characters to tokens).
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(400, seed=0), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=EOT,
+        additional_special_tokens=[IM_START, IM_END],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+@functools.lru_cache(maxsize=1)
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """The shared tiny ChatML tokenizer (cached: do not modify it; use `build_tokenizer()` for variants)."""
+    return build_tokenizer()
+
+
+def sample_dialogues(n: int, rounds: int, seed: int) -> list[list[dict]]:
+    """`n` random chats of `rounds` (user, assistant) rounds each, about half with a leading system message."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+        return " ".join(words).capitalize() + rng.choice(".?!")
+
+    dialogues = []
+    for _ in range(n):
+        messages: list[dict] = []
+        if rng.random() < 0.5:
+            messages.append({"role": "system", "content": text(3, 10)})
+        for _ in range(rounds):
+            messages.append({"role": "user", "content": text(2, 15)})
+            messages.append({"role": "assistant", "content": text(1, 20)})
+        dialogues.append(messages)
+    return dialogues
