@@ -127,7 +127,7 @@ def _dialogues(n: int, seed: int):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_single_dialogues(family, side):
     ours, _ = model_pair(family)
@@ -149,7 +149,7 @@ def test_padded_batch_equals_single_dialogues(family, side):
         _assert_close(batched[i, spans[i]], single, 1e-5, f"dialogue {i}")
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_packed_row_equals_single_dialogues(family):
     ours, stock = model_pair(family)
     dialogues = _dialogues(3, seed=6)
