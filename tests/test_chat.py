@@ -1,0 +1,89 @@
+"""The chat runtime: cache reuse across rounds equals recomputing the dialogue, for every scheme."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+
+import ism_ext.hf  # noqa: E402,F401
+from ism_ext.chat import ChatSession  # noqa: E402
+
+PROMPTS = ["What is two plus two?", "And the sun and the moon?", "Tell me about the river.", "Thanks!"]
+
+
+def tiny_llama(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism").eval()
+
+
+def run(scheme: str, use_cache: bool, seed: int = 0, **send):
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok), seed), tok, scheme, system="Be brief.", max_new_tokens=6,
+                          use_cache=use_cache, record_logits=True)
+    answers = [session.send(p, **send) for p in PROMPTS]
+    return session, answers
+
+
+@pytest.mark.parametrize("scheme", ["ism", "causal", "prefix_lm"])
+def test_cached_session_equals_recomputing_at_every_step(scheme):
+    cached, answers = run(scheme, use_cache=True)
+    fresh, reference_answers = run(scheme, use_cache=False)
+    assert answers == reference_answers  # greedy answers identical with and without the cache
+    assert len(cached.logits) == len(fresh.logits) > 4 * len(PROMPTS)
+    for step, (a, b) in enumerate(zip(cached.logits, fresh.logits, strict=True)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("scheme", ["ism", "causal"])
+def test_every_step_equals_one_full_forward_over_the_dialogue(scheme):
+    # Under ISM (and causal) no token sees a later segment, so one forward over the final dialogue with its
+    # layout reproduces the logits of every step of the session.
+    session, _ = run(scheme, use_cache=True, seed=1)
+    ids = torch.tensor([session.dialogue.ids])
+    blocks = torch.tensor([session.dialogue.block_ids])
+    assert session.cache_tokens == ids.shape[1]  # the last answer's final token is in the cache too
+    with torch.inference_mode():
+        full = session.model(ids, block_sequence_ids=blocks).logits[0].float()
+    for pos, logits in zip(session.logit_positions, session.logits, strict=True):
+        torch.testing.assert_close(logits, full[pos], atol=2e-5, rtol=1e-5, msg=f"position {pos}")
+    if scheme == "ism":
+        assert max(session.dialogue.block_ids) == len(PROMPTS) - 1  # one bidirectional segment per user turn
+
+
+def test_no_history_token_is_recomputed_with_ism_but_all_are_with_prefix_lm():
+    ism, _ = run("ism", use_cache=True)
+    prefix, _ = run("prefix_lm", use_cache=True)
+    for k in range(1, len(PROMPTS)):
+        assert ism.stats[k].prompt_tokens < ism.stats[k].cache_tokens - ism.stats[k - 1].cache_tokens + 1
+        assert prefix.stats[k].prompt_tokens > prefix.stats[k - 1].cache_tokens
+    assert [s.round for s in ism.stats] == [1, 2, 3, 4]
+    assert all(s.ttft_s > 0 and s.answer_tokens >= 1 for s in ism.stats)
+
+
+def test_sampling_is_reproducible_and_streaming_adds_up():
+    pieces: list[str] = []
+    a, answers_a = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
+    b, answers_b = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
+    assert answers_a == answers_b
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6)
+    answer = session.send(PROMPTS[0], stream=pieces.append)
+    assert "".join(pieces) == answer
+
+
+def test_bad_arguments():
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="scheme"):
+        ChatSession(tiny_llama(len(tok)), tok, "bidirectional")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation='ism'"):
+        ChatSession(eager, tok)
