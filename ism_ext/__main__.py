@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "masks of a sample dialogue, their pictures, and the op checked and timed"}
+COMMANDS = {
+    "demo": "a 4-round chat with SmolLM2 and the KV cache kept across rounds; TTFT of ISM vs prefix LM vs causal",
+    "ops": "masks of a sample dialogue, their pictures, and the op checked against float64 and timed",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as demo_main
 
         demo_main(argv[1:])
+    elif argv[0] == "ops":
+        from .ops_demo import main as ops_main
+
+        ops_main(argv[1:])
 
 
 if __name__ == "__main__":

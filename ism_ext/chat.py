@@ -149,14 +149,24 @@ class ChatSession:
                 raise ValueError("the chat template does not render the new round as an extension of the previous "
                                  "one, so the cached history cannot be reused")
             new_text = text[len(self.dialogue.text):]
-        # The template writes every special token itself (as in ism_ext.data): add none.
-        ids = self.tokenizer(new_text, add_special_tokens=False)["input_ids"]
+        # The template writes every special token itself (as in ism_ext.data): the tokenizer adds none.
+        pieces = [new_text]
+        if self.scheme == "ism" and not self.dialogue.ids and self.messages[0]["role"] == "system":
+            # ISM: the system turn is a segment of its own, the user turn (with the assistant header) the next.
+            system_text = self.tokenizer.apply_chat_template(self.messages[:1], tokenize=False)
+            if text.startswith(system_text):
+                pieces = [system_text, text[len(system_text):]]
         self.dialogue.text = text
-        if self.scheme == "causal":
-            return ids, [-1] * len(ids)
-        block = self._next_block
-        self._next_block += 1
-        return ids, [block] * len(ids)
+        ids, blocks = [], []
+        for piece in pieces:
+            piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            if self.scheme == "causal":
+                blocks += [-1] * len(piece_ids)
+            else:
+                blocks += [self._next_block] * len(piece_ids)
+                self._next_block += 1
+        return ids, blocks
 
     def send(
         self,
