@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": "a 4-round chat with SmolLM2 and the KV cache kept across rounds; TTFT of ISM vs prefix LM vs causal",
     "ops": "masks of a sample dialogue, their pictures, and the op checked against float64 and timed",
+    "bench": "the quick benchmarks that apply to this machine, as one table",
 }
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         from .ops_demo import main as ops_main
 
         ops_main(argv[1:])
+    elif argv[0] == "bench":
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
 
 
 if __name__ == "__main__":
