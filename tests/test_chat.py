@@ -53,7 +53,8 @@ def test_every_step_equals_one_full_forward_over_the_dialogue(scheme):
     for pos, logits in zip(session.logit_positions, session.logits, strict=True):
         torch.testing.assert_close(logits, full[pos], atol=2e-5, rtol=1e-5, msg=f"position {pos}")
     if scheme == "ism":
-        assert max(session.dialogue.block_ids) == len(PROMPTS) - 1  # one bidirectional segment per user turn
+        # one bidirectional segment for the system turn and one per user turn
+        assert max(session.dialogue.block_ids) == len(PROMPTS)
 
 
 def test_no_history_token_is_recomputed_with_ism_but_all_are_with_prefix_lm():
