@@ -8,6 +8,7 @@ COMMANDS = {
     "demo": "a 4-round chat with SmolLM2 and the KV cache kept across rounds; TTFT of ISM vs prefix LM vs causal",
     "ops": "masks of a sample dialogue, their pictures, and the op checked against float64 and timed",
     "bench": "the quick benchmarks that apply to this machine, as one table",
+    "train": "fine-tune a model on multi-turn chats in one ISM pass per dialogue",
 }
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as demo_main
 
         demo_main(argv[1:])
+    elif argv[0] == "train":
+        from .train import main as train_main
+
+        train_main(argv[1:])
     elif argv[0] == "ops":
         from .ops_demo import main as ops_main
 
