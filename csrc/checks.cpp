@@ -80,7 +80,8 @@ void check_lse(const char* op, const char* name, const at::Tensor& lse, const At
                     q.device());
 }
 
-std::pair<int64_t, int64_t> check_index_values_cpu(const char* op, const at::Tensor& kv_limit, const at::Tensor& cu_seqlens_q,
+std::pair<int64_t, int64_t> check_index_values_cpu(const char* op, const at::Tensor& kv_limit,
+                                                   const at::Tensor& cu_seqlens_q,
                             const at::Tensor& cu_seqlens_k, const AttnShape& s,
                             std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous(), lim = kv_limit.contiguous();

@@ -35,7 +35,8 @@ void check_lse(const char* op, const char* name, const at::Tensor& lse, const At
 // Value checks that read the index tensors (they must be on the CPU): cu_seqlens start at 0, never
 // decrease and end at total_q/total_k; kv_limit[r] lies in [0, seqlen_k of r's sequence];
 // max_seqlen_q/k, when given, are at least the longest sequence. Returns the longest (q, k) lengths.
-std::pair<int64_t, int64_t> check_index_values_cpu(const char* op, const at::Tensor& kv_limit, const at::Tensor& cu_seqlens_q,
+std::pair<int64_t, int64_t> check_index_values_cpu(const char* op, const at::Tensor& kv_limit,
+                                                   const at::Tensor& cu_seqlens_q,
                             const at::Tensor& cu_seqlens_k, const AttnShape& s,
                             std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k);
 

@@ -24,8 +24,8 @@ void fwd_tile(const SegmentAttnFwdParams& p, const QueryTiles& tiles, const Work
   const int h = item.head, h_kv = h / (p.h_q / p.h_kv);
   const int64_t k_off = static_cast<int64_t>(k_begin) * p.k_row_stride + h_kv * p.k_head_stride;
   const int64_t v_off = static_cast<int64_t>(k_begin) * p.v_row_stride + h_kv * p.v_head_stride;
-  attend_query_tile(strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride),
-                    m, p.kv_limit + q0, tiles.max_limit_of(item.seq, item.tile),
+  const T* q = static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride;
+  attend_query_tile(strided_rows(q, p.q_row_stride), m, p.kv_limit + q0, tiles.max_limit_of(item.seq, item.tile),
                     strided_rows(static_cast<const T*>(p.k) + k_off, p.k_row_stride),
                     strided_rows(static_cast<const T*>(p.v) + v_off, p.v_row_stride), p.head_dim, p.softmax_scale,
                     strided_rows(static_cast<T*>(p.out) + q0 * p.out_row_stride + h * p.out_head_stride,
