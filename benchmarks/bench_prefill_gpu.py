@@ -1,0 +1,247 @@
+"""GPU prefill forward: the ism CUDA kernel against SDPA (causal, flash), FlexAttention and SDPA with a dense mask.
+
+    python benchmarks/bench_prefill_gpu.py            # full sweep -> results/gpu_prefill_fwd.{json,png}
+    python benchmarks/bench_prefill_gpu.py --quick    # two lengths, head dim 128, to try it out
+
+Layouts (one per sequence, every sequence of the batch the same):
+  ism   an 8-round dialogue: system prompt, then (user, assistant) rounds; user/system turns
+        bidirectional, answers causal (benchmarks/common.py ism_turns)
+  mas   a MAS prefill: a system block (1/4), a user block (1/2), both bidirectional, then the
+        answer (1/4), causal
+Impls:
+  ism          torch.ops.ism.segment_attn_fwd on the packed batch (max_seqlen given: no sync)
+  sdpa_causal  SDPA with is_causal=True, flash backend: the causal mask, not the same mask, but the
+               same amount of work within a few percent -- the speed to reach
+  flex         FlexAttention with mask_mod kv_idx < kv_limit[q_idx]; block mask built once (its build
+               time is mask_build_ms, not in ms_median), compiled once per shape
+  sdpa_dense   SDPA with the dense boolean [L, L] mask (what users do today); mask_build_ms is the
+               time to build it
+Sizes: bfloat16, head dims 64/128, 1k-16k tokens per sequence; batch = total_tokens // tokens and
+heads = 2048 // head_dim (FlashAttention's benchmark convention), so every shape fills the GPU.
+
+Every record: bench=prefill_fwd, impl, scheme, dtype, head_dim, tokens, batch, heads, ms_median
+(CUDA events, median after warm-up), pairs (visible (query, key) pairs of the mask the impl computes,
+all sequences and one head), tflops (4 * head_dim * heads * pairs / time, DESIGN.md), mask_build_ms,
+and the environment (gpu, torch, cuda, commit). ism records also carry max_abs_diff_vs_flex.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import attention_flops, environment, layout_kv_limit, visible_pairs, write_records
+
+import ism_ext  # noqa: F401  (registers torch.ops.ism)
+from ism_ext.layouts import dense_mask, kv_limit_for_turns
+
+IMPLS = ["ism", "sdpa_causal", "flex", "sdpa_dense"]
+
+
+def scheme_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
+    """kv_limit [tokens] of one sequence under the benchmark's layout `scheme`."""
+    if scheme == "ism":
+        return layout_kv_limit("ism", tokens)
+    if scheme == "mas":
+        system, user = tokens // 4, tokens // 2
+        return kv_limit_for_turns([("system", system), ("user", user), ("assistant", tokens - system - user)], "mas")
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def cuda_median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median time of `fn` on the current stream in milliseconds (CUDA events), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def timed_build(build: Callable[[], Any]) -> tuple[Any, float]:
+    """Runs `build` once and returns (result, wall milliseconds including the GPU work)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = build()
+    torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale: float):
+    """Returns (fn(q, k, v) -> out, mask_build_ms, kv_limit of the mask it computes) for q/k/v [B, L, H, D]."""
+    dev = kv_limit.device
+    if impl == "ism":
+        lim = kv_limit.repeat(batch)
+        cu = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.int32, device=dev)
+        op = torch.ops.ism.segment_attn_fwd
+
+        def fn(q, k, v):
+            b, n, h, d = q.shape
+            out, _ = op(q.view(b * n, h, d), k.view(b * n, -1, d), v.view(b * n, -1, d), lim, cu, cu, n, n, scale)
+            return out.view(b, n, h, d)
+
+        return fn, 0.0, kv_limit
+    if impl == "sdpa_causal":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, scale=scale)
+            return out.transpose(1, 2)
+
+        return fn, 0.0, torch.arange(1, tokens + 1, dtype=torch.int32)
+    if impl == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        # A fresh compile per shape: past dynamo's recompile limit flex_attention would fall back to
+        # its unfused eager path and the numbers would mean nothing.
+        torch._dynamo.reset()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx < kv_limit[q_idx]
+
+        block_mask, build_ms = timed_build(lambda: create_block_mask(mask_mod, None, None, tokens, tokens, device=dev))
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def fn(q, k, v):
+            out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           scale=scale)
+            return out.transpose(1, 2)
+
+        return fn, build_ms, kv_limit
+    if impl == "sdpa_dense":
+        mask, build_ms = timed_build(lambda: dense_mask(kv_limit)[None, None])
+
+        def fn(q, k, v):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, scale=scale)
+            return out.transpose(1, 2)
+
+        return fn, build_ms, kv_limit
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls: list[str], repeats: int,
+               warmup: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every impl on one shape; returns the records."""
+    batch, heads = max(1, total_tokens // tokens), max(1, 2048 // head_dim)
+    dtype = torch.bfloat16
+    kv_limit = scheme_kv_limit(scheme, tokens).to("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
+               for _ in range(3))
+    scale = head_dim**-0.5
+    base = dict(bench="prefill_fwd", scheme=scheme, dtype="bfloat16", head_dim=head_dim, tokens=tokens, batch=batch,
+                heads=heads)
+    records, outputs = [], {}
+    for impl in impls:
+        rec: dict[str, Any] = {**base, "impl": impl}
+        try:
+            fn, build_ms, computed = make_impl(impl, kv_limit, batch, tokens, scale)
+            outputs[impl] = fn(q, k, v)
+            ms = cuda_median_ms(lambda fn=fn: fn(q, k, v), repeats, warmup)
+            pairs = visible_pairs(computed) * batch
+            flops = attention_flops(computed, heads, head_dim, backward=False) * batch
+            rec.update(ms_median=ms, tflops=flops / (ms * 1e-3) / 1e12, pairs=pairs, mask_build_ms=build_ms,
+                       repeats=repeats)
+        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as exc:
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            torch.cuda.empty_cache()
+        records.append({**rec, **env})
+    if "ism" in outputs and "flex" in outputs:
+        diff = (outputs["ism"].float() - outputs["flex"].float()).abs().max().item()
+        for r in records:
+            if r["impl"] == "ism":
+                r["max_abs_diff_vs_flex"] = diff
+    return records
+
+
+def plot(records: list[dict[str, Any]], path) -> None:
+    """TFLOP/s over tokens per sequence: one panel per (scheme, head dim)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if "tflops" in r]
+    schemes = sorted({r["scheme"] for r in ok}) or ["ism"]
+    dims = sorted({r["head_dim"] for r in ok}) or [128]
+    fig, axes = plt.subplots(len(schemes), len(dims), figsize=(max(8.0, 5.5 * len(dims)), 4.2 * len(schemes)),
+                             squeeze=False)
+    colors = {"ism": "tab:blue", "sdpa_causal": "tab:gray", "flex": "tab:green", "sdpa_dense": "tab:red"}
+    for (i, scheme), (j, hd) in itertools.product(enumerate(schemes), enumerate(dims)):
+        ax = axes[i][j]
+        for impl, color in colors.items():
+            pts = sorted((r["tokens"], r["tflops"]) for r in ok
+                         if r["impl"] == impl and r["scheme"] == scheme and r["head_dim"] == hd)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=impl)
+        ax.set(xscale="log", xlabel="tokens per sequence", ylabel="TFLOP/s (visible pairs)",
+               title=f"{scheme} layout, head dim {hd}, bf16")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    env = ok[0] if ok else {}
+    fig.suptitle(f"prefill forward on {env.get('gpu', '?')}: torch {env.get('torch', '?')}, CUDA "
+                 f"{env.get('cuda', '?')}, commit {env.get('commit', '?')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--schemes", nargs="+", default=["ism", "mas"])
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--total-tokens", type=int, default=16384, help="batch = total_tokens // tokens")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--name", default="gpu_prefill_fwd", help="results/<name>.json and .png")
+    parser.add_argument("--quick", action="store_true", help="2k and 8k tokens, head dim 128")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_prefill_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ism::segment_attn_fwd", "CUDA") and "ism" in args.impls:
+        sys.exit("ism_ext was built without its CUDA kernels: rebuild with nvcc available (pip install -e .)")
+    if args.quick:
+        args.tokens, args.head_dims, args.repeats = [2048, 8192], [128], 10
+
+    env = environment()
+    records: list[dict[str, Any]] = []
+    for scheme, hd, tokens in itertools.product(args.schemes, args.head_dims, args.tokens):
+        print(f"{scheme} d={hd} tokens={tokens}", flush=True)
+        records += run_config(scheme, tokens, hd, args.total_tokens, args.impls, args.repeats, args.warmup, env)
+    path = write_records(args.name, records)
+    plot(records, path.with_suffix(".png"))
+
+    print(f"\n{env.get('gpu')}  torch {env['torch']}  CUDA {env['cuda']}  (ms median / TFLOP/s)")
+    print(f"{'scheme':<7}{'d':>4}{'tokens':>7}{'batch':>6}  " + "".join(f"{i:>20}" for i in args.impls))
+    key = lambda r: (r["scheme"], r["head_dim"], r["tokens"])  # noqa: E731
+    for (scheme, hd, tokens), group in itertools.groupby(sorted(records, key=key), key=key):
+        by_impl = {r["impl"]: r for r in group}
+        batch = next(iter(by_impl.values()))["batch"]
+        cells = [f"{by_impl[i]['ms_median']:8.3f} {by_impl[i]['tflops']:6.1f}" if "tflops" in by_impl.get(i, {})
+                 else "error" for i in args.impls]
+        print(f"{scheme:<7}{hd:>4}{tokens:>7}{batch:>6}  " + "".join(f"{c:>20}" for c in cells))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

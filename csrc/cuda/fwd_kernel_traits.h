@@ -1,0 +1,95 @@
+// Compile-time shape of the CUDA forward kernel: tile sizes per head dim, register fragments per
+// warp, and the shared-memory layout with its XOR swizzle.
+//
+// Plain C++ (no CUDA types): ops_cuda.cpp includes it to size the grid check, the kernel files to
+// carve shared memory. The element type is a template argument only of the kernel, because tile
+// sizes depend on the head dim alone (bf16 and fp16 have the same width).
+#pragma once
+
+#include "../tile_range.h"  // ISM_HOST_DEVICE
+
+namespace ism::cuda {
+
+// Head dim -> tile shape. One thread block = 4 warps = one query tile of one (sequence, head).
+//
+// Why 128 query rows for d = 64 but 64 rows for d = 128: every thread keeps, for the whole key loop,
+// its Q fragments (rows_per_warp * d / 64 registers of two 16-bit values), its output accumulator
+// (rows_per_warp * d / 32 floats) and one tile of scores (rows_per_warp * kBlockN / 32 floats).
+//   d =  64, 32 rows per warp (128-row tile): 32 + 64 + 64 = 160 registers of state -> fits in 255.
+//   d = 128, 32 rows per warp:                64 + 128 + 64 = 256 -> spills; 16 rows per warp
+//            (64-row tile):                   32 + 64 + 32 = 128 -> fits, with room for addresses.
+// 32 rows per warp halves the shared-memory traffic per MMA (each K/V fragment loaded by ldmatrix
+// feeds two m16 row blocks instead of one), so d = 64 takes it; d = 128 keeps Q in registers (as
+// the design asks) and pays one ldmatrix per MMA pair instead. The 64-row tile also gives d = 128
+// twice as many blocks, which keeps the GPU busy for short sequences and evens out the ISM/causal
+// imbalance between the first and the last query tiles of a sequence.
+//
+// Key tiles are 64 keys for both: the score tile stays at 32 floats per 16 rows, and the double
+// buffered K and V tiles cost 4 * 64 * d * 2 bytes (32 KiB at d = 64, 64 KiB at d = 128).
+template <int kHeadDim_>
+struct FwdTileShape {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = 4;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;  // query rows of a tile (see above)
+  static constexpr int kBlockN = 64;                         // keys of a key tile
+  static constexpr int kWarpRows = kBlockM / kNWarps;        // 32 or 16
+  static constexpr int kMTiles = kWarpRows / 16;             // m16 row blocks per warp: 2 or 1
+
+  // MMA m16n8k16 bookkeeping.
+  static constexpr int kQKSteps = kHeadDim / 16;  // k16 steps of S = Q K^T (over d)
+  static constexpr int kPVSteps = kBlockN / 16;   // k16 steps of O += P V (over keys)
+  static constexpr int kSTiles = kBlockN / 8;     // n8 column tiles of S
+  static constexpr int kOTiles = kHeadDim / 8;    // n8 column tiles of O
+
+  // Shared memory, in elements of 2 bytes. A row of a tile is d contiguous elements made of
+  // kChunks 16-byte chunks (one cp.async, one ldmatrix row, one vector store each).
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kQElems = kBlockM * kHeadDim;   // Q tile; reused for the output tile
+  static constexpr int kKVElems = kBlockN * kHeadDim;  // one K or one V tile
+  static constexpr int kSmemQ = 0;
+  static constexpr int kSmemK = kSmemQ + kQElems;       // 2 buffers
+  static constexpr int kSmemV = kSmemK + 2 * kKVElems;  // 2 buffers
+  static constexpr int kSmemTileBytes = (kSmemV + 2 * kKVElems) * 2;
+  // Then the clamped kv_limit of each row of the tile and the per-warp min/max of the reduction.
+  static constexpr int kSmemLimitBytes = (kBlockM + 2 * kNWarps) * 4;
+  // The kernel rounds the dynamic shared memory base up to kSmemAlign bytes (its ldmatrix address
+  // stepping XORs absolute addresses), so the launch asks for that much slack.
+  static constexpr int kSmemAlign = 256;
+  static constexpr int kSmemBytes = kSmemTileBytes + kSmemLimitBytes + kSmemAlign;
+
+  // Byte stride of a tile row, and the XOR that moves an ldmatrix row address from 16-byte chunk
+  // pair 0 to chunk pair `pair` (chunks 2 pair, 2 pair + 1) when the address was formed for pair 0:
+  // chunk c ^ (row & 7) with c = 2 pair + b (b in {0, 1}) equals (b ^ (row & 7)) ^ (2 pair), and the
+  // chunk sits in address bits 4 and up of a kSmemAlign-aligned tile.
+  static constexpr int kRowBytes = kHeadDim * 2;
+  ISM_HOST_DEVICE static constexpr int chunk_pair_xor(int pair) { return pair << 5; }
+
+  // XOR swizzle: element offset of chunk `chunk` of row `row`. The 8 rows an ldmatrix phase reads
+  // (8 consecutive rows, same logical chunk) land on 8 different 16-byte bank groups, because the
+  // physical chunk's low 3 bits are chunk ^ (row & 7) and a row is a multiple of 128 bytes. Writes
+  // (cp.async, one row's chunks per 8 or 16 threads) stay conflict-free as a permutation of a row.
+  ISM_HOST_DEVICE static constexpr int swizzle(int row, int chunk) {
+    return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+  }
+
+  static_assert(kHeadDim % 64 == 0, "the swizzle needs at least 8 chunks (128 bytes) per row");
+  static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 row blocks");
+  static_assert(kBlockM <= kNThreads, "one thread per row reads kv_limit");
+  static_assert(kNThreads % kChunks == 0, "tile loads cover whole rows per pass");
+  static_assert((kBlockM * kChunks) % kNThreads == 0 && (kBlockN * kChunks) % kNThreads == 0,
+                "tile loads divide evenly over the threads");
+  static_assert(kBlockN % 16 == 0, "P is fed to the PV product in k16 steps");
+  static_assert(kChunks * 16 <= kSmemAlign && kRowBytes % 128 == 0,
+                "the chunk bits of a row address lie below the tile alignment");
+  static_assert((kSmemK * 2) % kSmemAlign == 0 && (kSmemV * 2) % kSmemAlign == 0 && (kKVElems * 2) % kSmemAlign == 0,
+                "every tile buffer starts kSmemAlign-aligned");
+};
+
+// Query tiles of the longest sequence: the grid's tile dimension.
+template <int kHeadDim>
+constexpr int num_query_tiles(int max_seqlen_q) {
+  return (max_seqlen_q + FwdTileShape<kHeadDim>::kBlockM - 1) / FwdTileShape<kHeadDim>::kBlockM;
+}
+
+}  // namespace ism::cuda

@@ -1,0 +1,98 @@
+// Online softmax of the forward kernel on MMA accumulator fragments, in registers.
+//
+// A thread holds, for each m16 row block of its warp, two rows (g and g + 8, g = lane / 4) and two
+// columns of each n8 tile of those rows. The four lanes of a quad (same g) together hold a whole
+// row, so a row reduction is the thread's own columns plus two __shfl_xor_sync steps (xor 1, xor 2).
+//
+// Scores arrive raw (Q K^T, masked entries at -inf). softmax_scale * log2(e) = `scale_log2` is folded
+// into the exponent, exp2(s * scale_log2 - max * scale_log2): one FFMA per score instead of a
+// multiply and a subtract. That needs scale_log2 > 0, so that the raw max is the scaled max and
+// -inf * scale_log2 stays -inf; the kernel guarantees it (a negative scale flips Q's sign bits, a
+// zero scale runs as a tiny positive one). The running max is kept in the raw domain.
+#pragma once
+
+#include <cmath>
+
+#include "mma_utils.cuh"
+
+namespace ism::cuda {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kMTiles, int kSTiles, int kOTiles>
+struct OnlineSoftmax {
+  float row_max[kMTiles][2];  // running max (log2 domain) of rows g, g + 8 of each row block
+  float row_sum[kMTiles][2];  // running sum of this thread's columns only; quad-reduced at the end
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[mi][h] = -INFINITY;
+        row_sum[mi][h] = 0.f;
+      }
+    }
+  }
+
+  // One key tile: s (raw scores, -inf where masked) becomes the unnormalised probabilities
+  // exp2((s - max) * scale_log2), and the output accumulator o is rescaled to the new max.
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kSTiles][4], float (&o)[kMTiles][kOTiles][4],
+                                         float scale_log2) {
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[mi][nt][2 * h], s[mi][nt][2 * h + 1]));
+        tile_max = quad_max(tile_max);
+        const float old_max = row_max[mi][h];
+        const float new_max = fmaxf(old_max, tile_max);
+        // A row that has seen nothing visible yet keeps max = -inf. Subtracting 0 instead keeps every
+        // exp2 argument at -inf (-> 0) and never forms (-inf) - (-inf) = NaN; the CPU kernel's
+        // softmax_tile_update guards the same case (tile_math.cpp). alpha is then exp2(-inf) = 0,
+        // which is also right when old_max = -inf and new_max is finite (o and the sum are still 0).
+        const float offset = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+        const float alpha = fast_exp2(fmaf(old_max, scale_log2, -offset));
+        row_max[mi][h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt) {
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[mi][nt][e] = fast_exp2(fmaf(s[mi][nt][e], scale_log2, -offset));
+            sum += s[mi][nt][e];
+          }
+        }
+        // alpha is the same on the 4 lanes of the quad (the max was quad-reduced), so the partial
+        // sums can be rescaled independently and added up once, after the last tile.
+        row_sum[mi][h] = row_sum[mi][h] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < kOTiles; ++dt) {
+          o[mi][dt][2 * h] *= alpha;
+          o[mi][dt][2 * h + 1] *= alpha;
+        }
+      }
+    }
+  }
+
+  // After the last tile: the factor that normalises row (mi, h) and its natural-log lse. A row that
+  // saw nothing (sum 0) gets factor 0 (output 0, never 0/0) and lse -inf.
+  __device__ __forceinline__ void finish(int mi, int h, float scale_log2, float& inv_sum, float& lse) const {
+    const float l = quad_sum(row_sum[mi][h]);
+    constexpr float kLn2 = 0.69314718055994531f;
+    inv_sum = l > 0.f ? 1.f / l : 0.f;
+    lse = l > 0.f ? fmaf(row_max[mi][h], scale_log2, log2f(l)) * kLn2 : -INFINITY;
+  }
+};
+
+}  // namespace ism::cuda

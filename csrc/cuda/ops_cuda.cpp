@@ -1,0 +1,139 @@
+// CUDA implementation of `ism::segment_attn_fwd`: validation, output allocation and the launch of
+// the forward kernel (segment_attn_fwd_kernel.cuh) on the current stream.
+//
+// What is checked here and what is the caller's contract:
+//   - Shapes, dtypes, devices, strides: check_attn_args (checks.h), the same checks and messages as
+//     the CPU op, plus what the kernel supports (float16/bfloat16, head_dim 64 or 128, sm_80+).
+//   - Index *values* (cu_seqlens start at 0, never decrease, end at total_q/total_k; kv_limit in
+//     [0, seqlen_k]; max_seqlen_q >= the longest query sequence) live on the device: checking them
+//     would cost a device sync on every call, so on CUDA they are the caller's contract, as in
+//     FlashAttention's varlen API (ism_ext.segment_attention builds them correctly). The kernel
+//     clamps cu_seqlens into [0, total] and kv_limit into [0, seqlen_k], so bad values give wrong
+//     numbers but never an out-of-bounds access. A max_seqlen_q that is too small leaves the rows
+//     past it unwritten.
+//   - max_seqlen_q sizes the grid. When it is not given and there are several sequences, it is read
+//     from cu_seqlens_q: one device sync. Pass it to avoid the sync (and inside CUDA graph capture).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <nvtx3/nvToolsExt.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../params_builder.h"
+#include "fwd_kernel_traits.h"
+#include "segment_attn_fwd.h"
+
+namespace ism {
+namespace {
+
+// Scoped NVTX range, so a profile shows the op's host work and launch under its own name.
+class NvtxRange {
+ public:
+  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+  ~NvtxRange() { nvtxRangePop(); }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+// The kernel moves rows with 16-byte vectors (cp.async in, vector stores out): the base must be
+// 16-byte aligned and the row/head strides multiples of 8 elements.
+bool vector_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0;
+}
+
+// A view the kernel cannot read with 16-byte vectors (odd storage offset or strides) is copied once;
+// clone() always allocates, so the copy is aligned even when `t` is contiguous but offset.
+at::Tensor vector_aligned_or_copy(const at::Tensor& t) {
+  return vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+int64_t query_tile_rows(int64_t head_dim) {
+  return head_dim == 64 ? cuda::FwdTileShape<64>::kBlockM : cuda::FwdTileShape<128>::kBlockM;
+}
+
+cudaError_t launch(const SegmentAttnFwdParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) {
+    return bf16 ? cuda::run_segment_attn_fwd<DType::kBFloat16, 64>(p, stream)
+                : cuda::run_segment_attn_fwd<DType::kFloat16, 64>(p, stream);
+  }
+  return bf16 ? cuda::run_segment_attn_fwd<DType::kBFloat16, 128>(p, stream)
+              : cuda::run_segment_attn_fwd<DType::kFloat16, 128>(p, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& kv_limit,
+                                                         const at::Tensor& cu_seqlens_q,
+                                                         const at::Tensor& cu_seqlens_k,
+                                                         std::optional<int64_t> max_seqlen_q,
+                                                         std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+  constexpr const char* op = "ism.segment_attn_fwd";
+  const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                   ": the CUDA kernel supports float16 and bfloat16 inputs, got ", q.scalar_type(),
+                   " (float32 runs on the CPU kernel)");
+  TORCH_CHECK_VALUE(s.head_dim == 64 || s.head_dim == 128, op,
+                    ": the CUDA kernel supports head_dim 64 and 128, got head_dim = ", s.head_dim);
+  TORCH_CHECK_VALUE(!max_seqlen_q.has_value() || *max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ",
+                    *max_seqlen_q);
+  TORCH_CHECK_VALUE(!max_seqlen_k.has_value() || *max_seqlen_k >= 0, op, ": max_seqlen_k must be >= 0, got ",
+                    *max_seqlen_k);
+  // Known on the host without reading cu_seqlens: with no sequence there can be no rows.
+  TORCH_CHECK_VALUE(s.batch > 0 || s.total_q == 0, op, ": cu_seqlens_q has no sequence but q has ", s.total_q,
+                    " rows (cu_seqlens_q must end at total_q)");
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  int cc_major = 0, cc_minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(cc_major >= 8, op, ": the CUDA kernel needs compute capability 8.0 or newer, got ", cc_major, ".",
+              cc_minor);
+
+  at::Tensor out = at::empty({s.total_q, s.h_q, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.h_q, s.total_q}, q.options().dtype(at::kFloat));
+  if (s.total_q == 0) return {out, lse};
+
+  const at::Tensor lim = kv_limit.contiguous(), cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  // No sequence is longer than all rows together, so a larger hint only adds blocks that exit.
+  int64_t longest_q = s.total_q;
+  if (max_seqlen_q.has_value()) {
+    longest_q = std::min(*max_seqlen_q, s.total_q);
+  } else if (s.batch > 1) {
+    longest_q = (cu_q.slice(0, 1) - cu_q.slice(0, 0, s.batch)).max().item<int64_t>();  // device sync
+    longest_q = std::clamp<int64_t>(longest_q, 0, s.total_q);
+  }
+  const int64_t longest_k = max_seqlen_k.has_value() ? std::min(*max_seqlen_k, s.total_k) : s.total_k;
+
+  const int64_t tile_m = query_tile_rows(s.head_dim);
+  const int64_t blocks = (longest_q + tile_m - 1) / tile_m * s.h_q * s.batch;
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks,
+                    " thread blocks (query tiles x heads x sequences) exceed one launch; split the batch");
+
+  const at::Tensor qa = vector_aligned_or_copy(q), ka = vector_aligned_or_copy(k), va = vector_aligned_or_copy(v);
+  const SegmentAttnFwdParams p =
+      make_fwd_params(s, qa, ka, va, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out, lse);
+  cudaError_t err;
+  {
+    const NvtxRange range(op);
+    err = launch(p, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  C10_CUDA_CHECK(err);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ism, CUDA, m) { m.impl("segment_attn_fwd", &segment_attn_fwd_cuda); }
+
+}  // namespace ism

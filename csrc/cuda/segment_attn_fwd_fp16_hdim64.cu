@@ -1,0 +1,12 @@
+// Forward kernel instantiation: float16, head dim 64 (one file per instantiation: compiled once, in parallel).
+#include "segment_attn_fwd.h"
+#include "segment_attn_fwd_launch.h"
+
+namespace ism::cuda {
+
+template <>
+cudaError_t run_segment_attn_fwd<DType::kFloat16, 64>(const SegmentAttnFwdParams& params, cudaStream_t stream) {
+  return launch_segment_attn_fwd<64, __half>(params, stream);
+}
+
+}  // namespace ism::cuda

@@ -1,0 +1,335 @@
+// The CUDA forward kernel of segment-masked attention (FlashAttention-2 class, written for the
+// kv_limit rule): one thread block = one query tile of one (sequence, query head).
+//
+//   1. Block -> (query tile, head, sequence); tiles past the sequence's end exit at once.
+//   2. The Q tile is copied to shared memory (cp.async), each row's kv_limit is read and clamped, and
+//      the tile's smallest and largest limit are reduced across the block.
+//   3. Q goes to registers once (ldmatrix). The key tiles below the largest limit
+//      (tile_range.h key_tiles_to_visit) stream through shared memory, double buffered: tile t + 1 is
+//      in flight while tile t is computed.
+//   4. Per key tile: S = Q K^T (mma m16n8k16, K by ldmatrix); only tiles that are not entirely
+//      below the smallest limit (key_tile_is_full) pay for the per-row mask j < kv_limit[r]; online
+//      softmax in registers (exp2, softmax_scale * log2(e) folded into its FFMA); P converted in
+//      registers into the A operand of O += P V (V by ldmatrix.trans).
+//   5. O is normalised, staged through shared memory and written with 16-byte stores; lse once.
+//
+// The caller's contract on index values (not checked on the host, which would need a device sync):
+// cu_seqlens non-decreasing from 0 to total, kv_limit in [0, seqlen_k], max_seqlen_q >= the longest
+// query sequence. The kernel clamps cu_seqlens into [0, total] and kv_limit into [0, seqlen_k], so
+// bad values can give wrong numbers but never an out-of-bounds access or a NaN of its own making.
+#pragma once
+
+#include <cstdint>
+
+#include "../ism_params.h"
+#include "../tile_range.h"
+#include "fwd_kernel_traits.h"
+#include "mma_utils.cuh"
+#include "online_softmax.cuh"
+#include "tile_io.cuh"
+
+namespace ism::cuda {
+
+template <int kHeadDim, typename Element_>
+struct FwdKernelTraits : FwdTileShape<kHeadDim> {
+  using Element = Element_;
+};
+
+__device__ __forceinline__ int clamp_int(int x, int lo, int hi) { return min(max(x, lo), hi); }
+
+template <typename Kt>
+__global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const SegmentAttnFwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using Element = typename Kt::Element;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kMTiles = Kt::kMTiles, kSTiles = Kt::kSTiles, kOTiles = Kt::kOTiles;
+  constexpr int kNWarps = Kt::kNWarps;
+
+  // ---- 1. Which tile. A 1-D grid ordered tile-major: all (head, sequence) pairs of the last query
+  // tile first. Under ISM, MAS and causal layouts the last tiles of a sequence see the most keys,
+  // so the heaviest blocks start first and the light ones fill the tail of the grid. Heads vary
+  // fastest, so the query heads that share one K/V head (GQA) run side by side and share it in L2.
+  const int heads_x_batch = p.h_q * p.batch;
+  const int m_tiles = num_query_tiles<kHeadDim>(p.max_seqlen_q);
+  const int m_tile = m_tiles - 1 - static_cast<int>(blockIdx.x) / heads_x_batch;
+  const int rest = static_cast<int>(blockIdx.x) % heads_x_batch;
+  const int head = rest % p.h_q;
+  const int seq = rest / p.h_q;
+
+  const int q_begin = clamp_int(p.cu_seqlens_q[seq], 0, p.total_q);
+  const int q_end = clamp_int(p.cu_seqlens_q[seq + 1], q_begin, p.total_q);
+  const int tile_row0 = m_tile * kBlockM;  // first row of the tile, counted within the sequence
+  if (tile_row0 >= q_end - q_begin) return;  // the grid is sized by the longest sequence
+  const int k_begin = clamp_int(p.cu_seqlens_k[seq], 0, p.total_k);
+  const int seqlen_k = clamp_int(p.cu_seqlens_k[seq + 1], k_begin, p.total_k) - k_begin;
+  const int rows = min(kBlockM, q_end - q_begin - tile_row0);
+  const int q_row0 = q_begin + tile_row0;  // first packed row of the tile
+  const int kv_head = head / (p.h_q / p.h_kv);
+
+  const Element* q_ptr = static_cast<const Element*>(p.q) + static_cast<int64_t>(q_row0) * p.q_row_stride +
+                         static_cast<int64_t>(head) * p.q_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + static_cast<int64_t>(k_begin) * p.k_row_stride +
+                         static_cast<int64_t>(kv_head) * p.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + static_cast<int64_t>(k_begin) * p.v_row_stride +
+                         static_cast<int64_t>(kv_head) * p.v_head_stride;
+
+  // The ldmatrix addresses of the key loop step through the d chunks by XOR-ing the absolute shared
+  // address (see below), which needs the tiles 256-byte aligned; the launch reserves kSmemAlign
+  // extra bytes so the base can be rounded up whatever alignment the runtime gives.
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t smem_pad = (Kt::kSmemAlign - (smem_u32(smem_raw) % Kt::kSmemAlign)) % Kt::kSmemAlign;
+  Element* smem = reinterpret_cast<Element*>(smem_raw + smem_pad);
+  Element* sQ = smem + Kt::kSmemQ;
+  Element* sK = smem + Kt::kSmemK;
+  Element* sV = smem + Kt::kSmemV;
+  int* sLimit = reinterpret_cast<int*>(smem_raw + smem_pad + Kt::kSmemTileBytes);  // [kBlockM]
+  int* sReduce = sLimit + kBlockM;                                       // [2 * kNWarps]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+
+  // ---- 2. Q tile in flight; meanwhile the limits of its rows.
+  const TileCopyLane<Kt> copy_lane(tid);
+  load_tile_async<Kt, kBlockM>(sQ, copy_lane, q_ptr + copy_lane.gmem_offset(p.q_row_stride), p.q_row_stride, rows,
+                               static_cast<const Element*>(p.q));
+  cp_async_commit();
+
+  int lo = INT32_MAX, hi = 0;
+  if (tid < kBlockM) {
+    // Rows past the sequence's end get limit 0: they are computed (on zero-filled Q) but never
+    // stored, and they do not take part in the tile's min/max.
+    int lim = 0;
+    if (tid < rows) {
+      lim = clamp_int(p.kv_limit[q_row0 + tid], 0, seqlen_k);
+      lo = hi = lim;
+    }
+    sLimit[tid] = lim;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+  if (lane == 0) {
+    sReduce[warp] = lo;
+    sReduce[kNWarps + warp] = hi;
+  }
+  __syncthreads();
+  int min_limit = sReduce[0], max_limit = sReduce[kNWarps];
+#pragma unroll
+  for (int w = 1; w < kNWarps; ++w) {
+    min_limit = min(min_limit, sReduce[w]);
+    max_limit = max(max_limit, sReduce[kNWarps + w]);
+  }
+  const int n_key_tiles = key_tiles_to_visit(max_limit, kBlockN);
+
+  // First K/V tile in flight while Q moves to registers. Keys at or past max_limit are invisible to
+  // every row: zero-filled, never read. An empty group is committed when there is no tile, so the
+  // wait counts below are the same in both cases.
+  // k_src/v_src: this thread's first chunk of the next key tile to load, advanced one tile at a
+  // time (two running pointers instead of per-pass 64-bit offsets kept across the loop).
+  const Element* k_src = k_ptr + copy_lane.gmem_offset(p.k_row_stride);
+  const Element* v_src = v_ptr + copy_lane.gmem_offset(p.v_row_stride);
+  if (n_key_tiles > 0) {
+    const int valid = min(kBlockN, max_limit);
+    load_tile_async<Kt, kBlockN>(sK, copy_lane, k_src, p.k_row_stride, valid, static_cast<const Element*>(p.k));
+    load_tile_async<Kt, kBlockN>(sV, copy_lane, v_src, p.v_row_stride, valid, static_cast<const Element*>(p.v));
+  }
+  cp_async_commit();
+
+  // ---- 3. Q to registers (this warp's rows only), and this thread's row limits.
+  cp_async_wait<1>();  // the Q group is complete (the K/V group may still be in flight)
+  __syncthreads();
+
+  // Per-lane ldmatrix coordinates: lanes 8i..8i+7 address the 8 rows of 8x8 matrix i.
+  const int r8 = lane % 8;         // row within an 8x8 matrix
+  const int bit3 = (lane / 8) % 2;  // matrices 1 and 3
+  const int bit4 = lane / 16;       // matrices 2 and 3
+  const int g = lane / 4, t4 = lane % 4;  // accumulator fragment coordinates
+  const int warp_row0 = warp * Kt::kWarpRows;
+
+  uint32_t q_frag[kMTiles][Kt::kQKSteps][4];
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int kk = 0; kk < Kt::kQKSteps; ++kk) {
+      // A operand: matrix 0 = rows 0-7 / cols 0-7, 1 = rows 8-15 / cols 0-7, 2 = rows 0-7 / cols 8-15,
+      // 3 = rows 8-15 / cols 8-15 of the 16x16 block -> a0..a3.
+      const int row = warp_row0 + mi * 16 + r8 + bit3 * 8;
+      ldmatrix_x4(q_frag[mi][kk], smem_u32(sQ + Kt::swizzle(row, 2 * kk + bit4)));
+    }
+  }
+
+  int row_limit[kMTiles][2];
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+    row_limit[mi][0] = sLimit[warp_row0 + mi * 16 + g];
+    row_limit[mi][1] = sLimit[warp_row0 + mi * 16 + g + 8];
+  }
+
+  float o[kMTiles][kOTiles][4];
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+    for (int dt = 0; dt < kOTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
+  OnlineSoftmax<kMTiles, kSTiles, kOTiles> softmax;
+  // softmax_scale * log2(e), folded into the softmax's exp2 (online_softmax.cuh), which needs it
+  // positive. A negative scale is moved into Q: flipping the sign bits of both 16-bit halves is an
+  // exact negation in bf16 and fp16. A zero (or denormal) scale runs as 1e-30: every visible score
+  // times it rounds to 0 next to 1, so the probabilities are the same uniform ones, and -inf stays
+  // -inf (0 * -inf would be NaN).
+  constexpr float kLog2e = 1.4426950408889634f;
+  float scale_log2 = p.softmax_scale * kLog2e;
+  if (scale_log2 < 0.f) {
+    scale_log2 = -scale_log2;
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+      for (int kk = 0; kk < Kt::kQKSteps; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) q_frag[mi][kk][i] ^= 0x80008000u;
+  }
+  scale_log2 = fmaxf(scale_log2, 1e-30f);
+
+  // Per-lane ldmatrix addresses of the key loop, formed for d chunk pair 0 of the tile; the chunk
+  // pair `pair` is then one XOR away (Kt::chunk_pair_xor), and the next 16 keys one immediate
+  // offset. Cheap to form inside the loop, so nothing is hoisted into registers across it.
+  //   K (plain ldmatrix, B of S = Q K^T): lane row = 16-key group row r8 + 8 * bit4, chunk bit3.
+  //   V (ldmatrix.trans, B of O += P V):  lane row = r8 + 8 * bit3, chunk bit4.
+  const uint32_t k_lane = (r8 + 8 * bit4) * Kt::kRowBytes + ((bit3 ^ r8) << 4);
+  const uint32_t v_lane = (r8 + 8 * bit3) * Kt::kRowBytes + ((bit4 ^ r8) << 4);
+  const uint32_t sK_addr = smem_u32(sK), sV_addr = smem_u32(sV);
+
+  // ---- 4. The key loop.
+  for (int kt = 0; kt < n_key_tiles; ++kt) {
+    const int buf = kt % 2;
+    const int k0 = kt * kBlockN;
+    // K/V of tile kt have landed (the only group in flight), and after the barrier every warp is
+    // done with tile kt - 1, so its buffer can take tile kt + 1.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (kt + 1 < n_key_tiles) {
+      const int valid = min(kBlockN, max_limit - (k0 + kBlockN));
+      k_src += kBlockN * p.k_row_stride;
+      v_src += kBlockN * p.v_row_stride;
+      load_tile_async<Kt, kBlockN>(sK + (buf ^ 1) * Kt::kKVElems, copy_lane, k_src, p.k_row_stride, valid,
+                                   static_cast<const Element*>(p.k));
+      load_tile_async<Kt, kBlockN>(sV + (buf ^ 1) * Kt::kKVElems, copy_lane, v_src, p.v_row_stride, valid,
+                                   static_cast<const Element*>(p.v));
+      cp_async_commit();
+    }
+    const uint32_t k_base = sK_addr + buf * (Kt::kKVElems * 2) + k_lane;
+    const uint32_t v_base = sV_addr + buf * (Kt::kKVElems * 2) + v_lane;
+
+    // S = Q K^T. K is [key][d] in shared memory, which is exactly the column-major B operand of
+    // m16n8k16 (B[k = d][n = key]), so a plain ldmatrix gives it. One x4 covers 16 keys x 16 d:
+    // matrix 0 = keys 0-7 / d 0-7 (b0 of n-tile 2np), 1 = keys 0-7 / d 8-15 (b1 of 2np),
+    // 2 = keys 8-15 / d 0-7 (b0 of 2np+1), 3 = keys 8-15 / d 8-15 (b1 of 2np+1).
+    float s[kMTiles][kSTiles][4];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Kt::kQKSteps; ++kk) {
+      const uint32_t k_addr = k_base ^ Kt::chunk_pair_xor(kk);
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, k_addr + np * 16 * Kt::kRowBytes);
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+          mma_m16n8k16<Element>(s[mi][2 * np], q_frag[mi][kk], b[0], b[1]);
+          mma_m16n8k16<Element>(s[mi][2 * np + 1], q_frag[mi][kk], b[2], b[3]);
+        }
+      }
+    }
+
+    // The mask, only on tiles some row cannot see entirely (block-uniform branch). Element e of
+    // n-tile nt is row g + 8 * (e / 2), key k0 + 8 nt + 2 t4 + e % 2. Keys past the tile's valid
+    // range are zeros in shared memory and always masked here: limit <= max_limit.
+    if (!key_tile_is_full(min_limit, k0, kBlockN)) {
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < kSTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = k0 + nt * 8 + 2 * t4 + (e % 2);
+            if (key >= row_limit[mi][e / 2]) s[mi][nt][e] = -INFINITY;
+          }
+    }
+
+    softmax.update(s, o, scale_log2);
+
+    // P as the A operand of O += P V, without leaving the registers: the probabilities of two
+    // adjacent n8 tiles of S are exactly one k16 step's A fragment (accumulator and A fragments
+    // share the row / column-pair layout): a0 = tile 2kk rows g, a1 = tile 2kk rows g+8,
+    // a2 = tile 2kk+1 rows g, a3 = tile 2kk+1 rows g+8. Packed here so the floats die early.
+    uint32_t p_frag[kMTiles][Kt::kPVSteps][4];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
+        p_frag[mi][kk][0] = pack_float2<Element>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        p_frag[mi][kk][1] = pack_float2<Element>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        p_frag[mi][kk][2] = pack_float2<Element>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        p_frag[mi][kk][3] = pack_float2<Element>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
+    }
+
+    // O += P V. V is [key][d] in shared memory, row-major for B[k = key][n = d]: ldmatrix.trans
+    // gives the column-major fragment. One x4.trans covers 16 keys x 16 d: matrix 0 = keys 0-7 /
+    // d 0-7 (b0 of d-tile 2dp), 1 = keys 8-15 / d 0-7 (b1 of 2dp), 2 = keys 0-7 / d 8-15 (b0 of
+    // 2dp+1), 3 = keys 8-15 / d 8-15 (b1 of 2dp+1).
+#pragma unroll
+    for (int dp = 0; dp < kOTiles / 2; ++dp) {
+      const uint32_t v_addr = v_base ^ Kt::chunk_pair_xor(dp);
+#pragma unroll
+      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_addr + kk * 16 * Kt::kRowBytes);
+#pragma unroll
+        for (int mi = 0; mi < kMTiles; ++mi) {
+          mma_m16n8k16<Element>(o[mi][2 * dp], p_frag[mi][kk], b[0], b[1]);
+          mma_m16n8k16<Element>(o[mi][2 * dp + 1], p_frag[mi][kk], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // ---- 5. Epilogue. The output tile is staged in the Q buffer: each warp writes only its own rows,
+  // which only it has read (ldmatrix of Q above), so a warp barrier orders the two.
+  __syncwarp();
+  float* lse_ptr = p.lse + static_cast<int64_t>(head) * p.lse_head_stride + q_row0;
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float inv_sum, lse;
+      softmax.finish(mi, h, scale_log2, inv_sum, lse);
+      const int row = warp_row0 + mi * 16 + g + 8 * h;
+#pragma unroll
+      for (int dt = 0; dt < kOTiles; ++dt) {
+        // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
+        *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+            pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
+      }
+      if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+    }
+  }
+  __syncthreads();
+  Element* out_ptr = static_cast<Element*>(p.out) + static_cast<int64_t>(q_row0) * p.out_row_stride +
+                     static_cast<int64_t>(head) * p.out_head_stride;
+  store_tile<Kt, kBlockM>(sQ, out_ptr, p.out_row_stride, rows, tid);
+#else
+  // The data path needs sm_80 (cp.async, bf16 mma); the host refuses older devices before launch.
+  __trap();
+#endif
+}
+
+}  // namespace ism::cuda
