@@ -14,16 +14,8 @@ import random
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-IM_START, IM_END, EOT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-
-# ChatML as used by Qwen2.5 / SmolLM2 instruct models (without their default system prompt):
-# `<|im_start|>{role}\n{content}<|im_end|>\n` per message, generation prompt `<|im_start|>assistant\n`.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# The special tokens and the ChatML template (Qwen2.5 / SmolLM2 style) are the package's own toy ones.
+from ism_ext.toy import CHATML_TEMPLATE, EOT, IM_END, IM_START  # noqa: E402
 
 WORDS = (
     "the a cat dog sat on mat and ran fast slow red blue green big small house tree river sun moon star "
