@@ -29,16 +29,24 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _abi_flag() -> list[str]:
+    # The libstdc++ ABI must be torch's: std::string and friends cross into libc10 and must have the
+    # same layout on both sides. torch's own value, stated explicitly, whatever the compiler's default
+    # and whether or not this torch's BuildExtension passes the flag itself.
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    return [] if abi is None else [f"-D_GLIBCXX_USE_CXX11_ABI={int(abi)}"]
+
+
 def _extension():
     cpp = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++17", *_abi_flag()]
     if sys.platform != "darwin":
         # at::parallel_for is a header template that opens an OpenMP region in the caller's object
         # file: without -fopenmp here it would silently run on one thread.
         cxx_flags.append("-fopenmp")
     if _want_cuda():
         cu = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *_abi_flag()]
         return CUDAExtension(
             "ism_ext._C",
             cpp + cu,

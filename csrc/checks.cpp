@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 
 namespace ism {
@@ -78,6 +79,19 @@ void check_lse(const char* op, const char* name, const at::Tensor& lse, const At
                     " must have shape [heads_q, total_q] = [", s.h_q, ", ", s.total_q, "], got ", lse.sizes());
   TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": ", name, " is on ", lse.device(), " but q is on ",
                     q.device());
+}
+
+AttnShape check_bwd_args(const char* op, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& lse, const at::Tensor& kv_limit, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, double softmax_scale) {
+  const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  check_same_as(op, "dout", dout, "q", q);
+  check_same_as(op, "out", out, "q", q);
+  check_lse(op, "lse", lse, s, q);
+  if (dlse.has_value()) check_lse(op, "dlse", *dlse, s, q);
+  return s;
 }
 
 std::pair<int64_t, int64_t> check_index_values_cpu(const char* op, const at::Tensor& kv_limit,

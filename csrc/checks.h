@@ -32,6 +32,13 @@ void check_same_as(const char* op, const char* name, const at::Tensor& t, const 
 // A float32 [h_q, total_q] tensor on the device of `q` (lse and its gradient).
 void check_lse(const char* op, const char* name, const at::Tensor& lse, const AttnShape& s, const at::Tensor& q);
 
+// The backward's arguments: check_attn_args, a finite softmax_scale, dout and out exactly like q, and
+// lse (and dlse, when given) float32 [h_q, total_q]. Shared by the CPU and CUDA backward.
+AttnShape check_bwd_args(const char* op, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& lse, const at::Tensor& kv_limit, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, double softmax_scale);
+
 // Value checks that read the index tensors (they must be on the CPU): cu_seqlens start at 0, never
 // decrease and end at total_q/total_k; kv_limit[r] lies in [0, seqlen_k of r's sequence];
 // max_seqlen_q/k, when given, are at least the longest sequence. Returns the longest (q, k) lengths.

@@ -58,6 +58,12 @@ struct SegmentAttnBwdParams : SegmentAttnFwdParams {
   int64_t dq_row_stride, dq_head_stride;
   int64_t dk_row_stride, dk_head_stride;
   int64_t dv_row_stride, dv_head_stride;
+
+  // Workspace of the CUDA backward (the CPU kernel computes these internally and ignores them).
+  float* softmax_delta;  // [h_q, total_q]: rowsum(dout * out) - dlse (dlse shares lse's strides)
+  float* dq_accum;       // [total_q, h_q, d] float32, zeroed: dQ summed over key tiles with atomics
+  int* q_tile_bounds;    // [batch, q_tiles_stride, 2]: (min, max) clamped kv_limit of each query tile
+  int q_tiles_stride;    // query tiles of the longest sequence
 };
 
 }  // namespace ism

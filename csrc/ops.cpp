@@ -20,7 +20,8 @@ std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cpu(const at::Tensor& q, con
                                                         const at::Tensor& cu_seqlens_q,
                                                         const at::Tensor& cu_seqlens_k,
                                                         std::optional<int64_t> max_seqlen_q,
-                                                        std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+                                                        std::optional<int64_t> max_seqlen_k, double softmax_scale,
+                                                        bool /*deterministic: the CPU kernels always are*/) {
   constexpr const char* op = "ism.segment_attn_fwd";
   const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
@@ -40,14 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attn_bwd_cpu(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_limit,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, std::optional<int64_t> max_seqlen_q,
-    std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+    std::optional<int64_t> max_seqlen_k, double softmax_scale, bool /*deterministic: always, on the CPU*/) {
   constexpr const char* op = "ism.segment_attn_bwd";
-  const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
-  check_same_as(op, "dout", dout, "q", q);
-  check_same_as(op, "out", out, "q", q);
-  check_lse(op, "lse", lse, s, q);
-  if (dlse.has_value()) check_lse(op, "dlse", *dlse, s, q);
+  const AttnShape s = check_bwd_args(op, dout, dlse, q, k, v, out, lse, kv_limit, cu_seqlens_q, cu_seqlens_k,
+                                     softmax_scale);
   const auto [longest_q, longest_k] =
       check_index_values_cpu(op, kv_limit, cu_seqlens_q, cu_seqlens_k, s, max_seqlen_q, max_seqlen_k);
 
@@ -72,15 +69,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_attn_bwd_cpu(
 
 }  // namespace
 
+// `deterministic` selects a backward whose result does not depend on the order of floating-point
+// atomics (CUDA: a separate dQ kernel instead of atomic adds; the CPU backward always is). The
+// forward takes it too, as FlashAttention's API does, so that autograd can hand it to the backward.
 TORCH_LIBRARY(ism, m) {
   m.def(
       "segment_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_limit, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, "
+      "bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def(
       "segment_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor kv_limit, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int? max_seqlen_q, int? max_seqlen_k, "
-      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Mutates the caches (in-place append); not differentiable (inference).
   m.def(
       "attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "

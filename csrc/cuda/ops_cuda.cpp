@@ -1,5 +1,6 @@
 // CUDA implementation of `ism::segment_attn_fwd`: validation, output allocation and the launch of
-// the forward kernel (segment_attn_fwd_kernel.cuh) on the current stream.
+// the forward kernel (segment_attn_fwd_kernel.cuh) on the current stream. The backward is
+// ops_cuda_bwd.cpp.
 //
 // What is checked here and what is the caller's contract:
 //   - Shapes, dtypes, devices, strides: check_attn_args (checks.h), the same checks and messages as
@@ -18,7 +19,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#include <nvtx3/nvToolsExt.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,32 +30,12 @@
 
 #include "../checks.h"
 #include "../params_builder.h"
+#include "cuda_op_utils.h"
 #include "fwd_kernel_traits.h"
 #include "segment_attn_fwd.h"
 
 namespace ism {
 namespace {
-
-// Scoped NVTX range, so a profile shows the op's host work and launch under its own name.
-class NvtxRange {
- public:
-  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
-  ~NvtxRange() { nvtxRangePop(); }
-  NvtxRange(const NvtxRange&) = delete;
-  NvtxRange& operator=(const NvtxRange&) = delete;
-};
-
-// The kernel moves rows with 16-byte vectors (cp.async in, vector stores out): the base must be
-// 16-byte aligned and the row/head strides multiples of 8 elements.
-bool vector_aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0;
-}
-
-// A view the kernel cannot read with 16-byte vectors (odd storage offset or strides) is copied once;
-// clone() always allocates, so the copy is aligned even when `t` is contiguous but offset.
-at::Tensor vector_aligned_or_copy(const at::Tensor& t) {
-  return vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
-}
 
 int64_t query_tile_rows(int64_t head_dim) {
   return head_dim == 64 ? cuda::FwdTileShape<64>::kBlockM : cuda::FwdTileShape<128>::kBlockM;
@@ -76,43 +56,23 @@ std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cuda(const at::Tensor& q, co
                                                          const at::Tensor& cu_seqlens_q,
                                                          const at::Tensor& cu_seqlens_k,
                                                          std::optional<int64_t> max_seqlen_q,
-                                                         std::optional<int64_t> max_seqlen_k, double softmax_scale) {
+                                                         std::optional<int64_t> max_seqlen_k, double softmax_scale,
+                                                         bool /*deterministic: read by the backward*/) {
   constexpr const char* op = "ism.segment_attn_fwd";
   const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-                   ": the CUDA kernel supports float16 and bfloat16 inputs, got ", q.scalar_type(),
-                   " (float32 runs on the CPU kernel)");
-  TORCH_CHECK_VALUE(s.head_dim == 64 || s.head_dim == 128, op,
-                    ": the CUDA kernel supports head_dim 64 and 128, got head_dim = ", s.head_dim);
-  TORCH_CHECK_VALUE(!max_seqlen_q.has_value() || *max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ",
-                    *max_seqlen_q);
-  TORCH_CHECK_VALUE(!max_seqlen_k.has_value() || *max_seqlen_k >= 0, op, ": max_seqlen_k must be >= 0, got ",
-                    *max_seqlen_k);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  check_cuda_kernel_support(op, q, s.head_dim, max_seqlen_q, max_seqlen_k);
   // Known on the host without reading cu_seqlens: with no sequence there can be no rows.
   TORCH_CHECK_VALUE(s.batch > 0 || s.total_q == 0, op, ": cu_seqlens_q has no sequence but q has ", s.total_q,
                     " rows (cu_seqlens_q must end at total_q)");
-
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  int cc_major = 0, cc_minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
-  TORCH_CHECK(cc_major >= 8, op, ": the CUDA kernel needs compute capability 8.0 or newer, got ", cc_major, ".",
-              cc_minor);
 
   at::Tensor out = at::empty({s.total_q, s.h_q, s.head_dim}, q.options());
   at::Tensor lse = at::empty({s.h_q, s.total_q}, q.options().dtype(at::kFloat));
   if (s.total_q == 0) return {out, lse};
 
   const at::Tensor lim = kv_limit.contiguous(), cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  // No sequence is longer than all rows together, so a larger hint only adds blocks that exit.
-  int64_t longest_q = s.total_q;
-  if (max_seqlen_q.has_value()) {
-    longest_q = std::min(*max_seqlen_q, s.total_q);
-  } else if (s.batch > 1) {
-    longest_q = (cu_q.slice(0, 1) - cu_q.slice(0, 0, s.batch)).max().item<int64_t>();  // device sync
-    longest_q = std::clamp<int64_t>(longest_q, 0, s.total_q);
-  }
+  const int64_t longest_q = longest_sequence(cu_q, s.batch, s.total_q, max_seqlen_q);
   const int64_t longest_k = max_seqlen_k.has_value() ? std::min(*max_seqlen_k, s.total_k) : s.total_k;
 
   const int64_t tile_m = query_tile_rows(s.head_dim);

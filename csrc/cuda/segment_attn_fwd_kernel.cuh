@@ -23,6 +23,7 @@
 
 #include "../ism_params.h"
 #include "../tile_range.h"
+#include "block_reduce.cuh"
 #include "fwd_kernel_traits.h"
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
@@ -105,22 +106,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
     }
     sLimit[tid] = lim;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-  }
-  if (lane == 0) {
-    sReduce[warp] = lo;
-    sReduce[kNWarps + warp] = hi;
-  }
-  __syncthreads();
-  int min_limit = sReduce[0], max_limit = sReduce[kNWarps];
-#pragma unroll
-  for (int w = 1; w < kNWarps; ++w) {
-    min_limit = min(min_limit, sReduce[w]);
-    max_limit = max(max_limit, sReduce[kNWarps + w]);
-  }
+  // The barrier inside also publishes sLimit to every warp.
+  const int2 limit_bounds = block_min_max<kNWarps>(lo, hi, sReduce);
+  const int min_limit = limit_bounds.x, max_limit = limit_bounds.y;
   const int n_key_tiles = key_tiles_to_visit(max_limit, kBlockN);
 
   // First K/V tile in flight while Q moves to registers. Keys at or past max_limit are invisible to

@@ -1,4 +1,5 @@
-// Global <-> shared memory movement of row tiles in the swizzled layout of FwdTileShape:
+// Global <-> shared memory movement of row tiles in the swizzled layout of FwdTileShape (or any
+// Shape with kNThreads, kChunks, kRowBytes and swizzle(), such as SwizzledRows):
 // asynchronous 16-byte loads with zero-filled rows past the valid range, and 16-byte stores of a
 // finished output tile.
 #pragma once
@@ -36,7 +37,7 @@ __device__ __forceinline__ void load_tile_async(Element* smem_tile, const TileCo
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const bool valid = lane.row + pass * kRowsPerPass < valid_rows;
-    cp_async_16(dst0 + pass * kRowsPerPass * Shape::kHeadDim * 2,
+    cp_async_16(dst0 + pass * kRowsPerPass * Shape::kRowBytes,
                 valid ? src + pass * kRowsPerPass * row_stride : fallback, valid);
   }
 }
@@ -56,6 +57,20 @@ __device__ __forceinline__ void store_tile(const Element* smem_tile, Element* gm
       const uint4 v = *reinterpret_cast<const uint4*>(smem_tile + Shape::swizzle(row, chunk));
       *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) = v;
     }
+  }
+}
+
+// Writes zeros to rows [0, valid_rows) of a [kRows, d] tile in global memory (the gradients of keys
+// that no query sees), one 16-byte vector per thread and pass.
+template <typename Shape, int kRows, typename Element>
+__device__ __forceinline__ void store_zero_rows(Element* gmem, int64_t row_stride, int valid_rows, int tid) {
+  constexpr int kRowsPerPass = Shape::kNThreads / Shape::kChunks;
+  const int chunk = tid % Shape::kChunks;
+  const int row0 = tid / Shape::kChunks;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int row = row0 + pass * kRowsPerPass;
+    if (row < valid_rows) *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) = make_uint4(0, 0, 0, 0);
   }
 }
 
