@@ -9,46 +9,22 @@ allocator), so a row the kernel forgets to write shows up as NaN. Skipped withou
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
 import torch
+from cuda_utils import DEV, cuda_marks, poison_allocator, random_varlen_case
 from reference import Case, make_case, reference_attention
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
 
+pytestmark = cuda_marks("segment_attn_fwd")
 
-def _has_cuda_kernel() -> bool:
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ism::segment_attn_fwd", "CUDA"
-    )
-
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(torch.cuda.is_available() and not _has_cuda_kernel(),
-                       reason="ism_ext was built without its CUDA kernels (ISM_EXT_FORCE_CPU or no nvcc)"),
-]
-
-DEV = "cuda"
 # Forward atol relative to max(1, |reference|): the CPU test's tolerances. P is rounded to the input
 # dtype before the PV product (as in FlashAttention), which stays well inside them.
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 DTYPES = list(TOL)
 SCHEMES = ["ism", "mas", "prefix_lm", "causal", "random", "full", "empty"]
-
-
-def _poison_allocator(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
-    """Fills freshly freed blocks of the sizes the op is about to allocate with NaN.
-
-    The caching allocator hands a freed block of the right size to the next allocation on the
-    stream, so the op's at::empty outputs start as NaN and any element the kernel does not write
-    is caught by the finiteness checks.
-    """
-    blocks = [torch.full(shape, math.nan, dtype=dtype, device=DEV) for shape, dtype in like]
-    del blocks
 
 
 def _cuda_args(case: Case):
@@ -57,7 +33,7 @@ def _cuda_args(case: Case):
 
 def _fwd(case: Case, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, stream=None):
     q, k, v, lim, cu_q, cu_k = _cuda_args(case)
-    _poison_allocator((tuple(q.shape), q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
+    poison_allocator((tuple(q.shape), q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
     with torch.cuda.stream(stream or torch.cuda.current_stream()):
         out, lse = torch.ops.ism.segment_attn_fwd(q, k, v, lim, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                                   case.softmax_scale)
@@ -146,14 +122,7 @@ def test_queries_shorter_than_keys(scheme, head_dim):
 def test_random_varlen_layouts(seed):
     # Random packed batches: every scheme, both dtypes and head dims, GQA, lengths 0..700 (some on a
     # tile edge), and sometimes more keys than queries.
-    rng = random.Random(1000 + seed)
-    batch = rng.randint(1, 5)
-    edges = [1, 63, 64, 65, 127, 128, 129, 255, 256, 257]
-    seqlens_q = [rng.choice([rng.randint(0, 700), rng.choice(edges)]) for _ in range(batch)]
-    seqlens_k = [lq + (rng.randint(0, 300) if rng.random() < 0.4 else 0) for lq in seqlens_q]
-    group = rng.choice([1, 2, 4, 8])
-    case = make_case(seqlens_q, seqlens_k, heads_q=8, heads_kv=8 // group, head_dim=rng.choice([64, 128]),
-                     dtype=rng.choice(DTYPES), limits=rng.choice(SCHEMES), seed=seed)
+    case = random_varlen_case(random.Random(1000 + seed), DTYPES, SCHEMES, seed)
     _run(case)
 
 

@@ -1,0 +1,53 @@
+"""Shared pieces of the CUDA tests: skip markers, the NaN-poisoned allocator, random packed batches."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from reference import Case, make_case
+
+DEV = "cuda"
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """True when a CUDA device is present and `ism::<op>` has a CUDA kernel registered."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"ism::{op}", "CUDA")
+
+
+def cuda_marks(op: str) -> list:
+    """pytestmark of a module that tests the CUDA kernel of `ism::<op>`: skipped without one."""
+    return [
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        pytest.mark.skipif(torch.cuda.is_available() and not has_cuda_kernel(op),
+                           reason="ism_ext was built without its CUDA kernels (ISM_EXT_FORCE_CPU or no nvcc)"),
+    ]
+
+
+def poison_allocator(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
+    """Fills freshly freed blocks of the sizes an op is about to allocate with NaN.
+
+    The caching allocator hands a freed block of the right size to the next allocation on the
+    stream, so the op's at::empty outputs start as NaN and any element the kernel does not write
+    is caught by the finiteness checks.
+    """
+    blocks = [torch.full(shape, math.nan, dtype=dtype, device=DEV) for shape, dtype in like]
+    del blocks
+
+
+TILE_EDGES = [1, 63, 64, 65, 127, 128, 129, 255, 256, 257]
+
+
+def random_varlen_case(rng: random.Random, dtypes: list[torch.dtype], schemes: list[str], seed: int) -> Case:
+    """A random packed batch for the kernels: 1-5 sequences of 0..700 query rows (some on a tile edge),
+    sometimes more keys than queries, 8 query heads in GQA groups of 1/2/4/8, head dim 64 or 128, and
+    a dtype and a kv_limit scheme drawn from `dtypes` and `schemes`."""
+    batch = rng.randint(1, 5)
+    seqlens_q = [rng.choice([rng.randint(0, 700), rng.choice(TILE_EDGES)]) for _ in range(batch)]
+    seqlens_k = [lq + (rng.randint(0, 300) if rng.random() < 0.4 else 0) for lq in seqlens_q]
+    group = rng.choice([1, 2, 4, 8])
+    return make_case(seqlens_q, seqlens_k, heads_q=8, heads_kv=8 // group, head_dim=rng.choice([64, 128]),
+                     dtype=rng.choice(dtypes), limits=rng.choice(schemes), seed=seed)

@@ -1,0 +1,287 @@
+"""The CUDA backward of segment attention against the float64 dense-mask reference's autograd.
+
+Runs the CPU gradient matrix on the GPU: every layout scheme and random kv_limit (empty rows
+included), bfloat16 and float16, head dims 64 and 128, GQA groups 1/2/4/8, packed variable-length
+batches, lengths 1..4097 around the tile edges (64/128 query rows, 128 keys), sequences with more
+keys than queries, the lse gradient, scales, strided and expanded gradients, the deterministic mode,
+and a patched transformers model. dq/dk/dv land in memory that was just filled with NaN, so an
+element the kernels forget to write shows up. Skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from cuda_utils import DEV, cuda_marks, poison_allocator, random_varlen_case
+from reference import Case, make_case, reference_attention
+
+import ism_ext
+
+pytestmark = cuda_marks("segment_attn_bwd")
+
+# (forward, gradient) atol relative to max(1, |reference|): the CPU test's tolerances. P and dS are
+# rounded to the input dtype before their products, as in FlashAttention.
+TOL = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (3e-3, 6e-3)}
+DTYPES = list(TOL)
+SCHEMES = ["ism", "mas", "prefix_lm", "causal", "random", "full", "empty"]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    actual = actual.detach().cpu().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element or a NaN)"
+    if expected.numel() == 0:
+        return
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
+
+
+def _gpu_grads(case: Case, grad_out: torch.Tensor, grad_lse: torch.Tensor | None = None, *,
+               deterministic: bool = False, hints: bool = True):
+    """(out, lse, dq, dk, dv) of ism_ext.segment_attention on the GPU for the given output gradients."""
+    q, k, v = (t.to(DEV).requires_grad_() for t in (case.q, case.k, case.v))
+    lim, cu_q, cu_k = (t.to(DEV) for t in (case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k))
+    lens_q, lens_k = (case.cu_seqlens_q.diff(), case.cu_seqlens_k.diff())
+    hint_q = int(lens_q.max()) if hints and lens_q.numel() else None
+    hint_k = int(lens_k.max()) if hints and lens_k.numel() else None
+    out, lse = ism_ext.segment_attention(q, k, v, lim, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=hint_q,
+                                         max_seqlen_k=hint_k, softmax_scale=case.softmax_scale, return_lse=True,
+                                         deterministic=deterministic)
+    poison_allocator((tuple(q.shape), q.dtype), (tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype))
+    outputs, grads = [out], [grad_out.to(DEV)]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse.to(DEV))
+    torch.autograd.backward(outputs, grads)
+    torch.cuda.synchronize()
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def _ref_grads(case: Case, grad_out: torch.Tensor, grad_lse: torch.Tensor | None = None):
+    q, k, v = (t.double().requires_grad_() for t in (case.q, case.k, case.v))
+    out, lse = reference_attention(q, k, v, case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k, case.softmax_scale)
+    outputs, grads = [out], [grad_out.double()]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse.double())
+    torch.autograd.backward(outputs, grads)
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def _run(case: Case, *, seed: int = 7, with_lse: bool = False, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Checks out, lse, dq, dk, dv against the reference; returns the GPU gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(case.q.shape, generator=gen).to(case.q.dtype)
+    grad_lse = torch.randn(case.q.shape[1], case.q.shape[0], generator=gen) if with_lse else None
+    out, lse, dq, dk, dv = _gpu_grads(case, grad_out, grad_lse, **kwargs)
+    ref = _ref_grads(case, grad_out.float(), grad_lse)
+    fwd_tol, grad_tol = TOL[case.q.dtype]
+    _close(out, ref[0], fwd_tol, "out")
+    for name, mine, expected in (("dq", dq, ref[2]), ("dk", dk, ref[3]), ("dv", dv, ref[4])):
+        assert mine.dtype == case.q.dtype
+        _close(mine, expected, grad_tol, name)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_layouts(scheme, dtype, head_dim):
+    case = make_case([200, 65, 129, 3], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits=scheme,
+                     seed=len(scheme) + head_dim)
+    _run(case)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_gqa(group, head_dim):
+    # dK/dV of one K/V head sum over the `group` query heads that share it.
+    case = make_case([70, 1, 130, 300], heads_q=8, heads_kv=8 // group, head_dim=head_dim,
+                     dtype=DTYPES[group % 2], limits="random", seed=head_dim * 10 + group)
+    _run(case)
+
+
+EDGE_LENGTHS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 1023, 1025, 2049, 4097]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("length", EDGE_LENGTHS)
+def test_tile_edge_lengths(length, head_dim):
+    # Lengths around the query-tile (64/128 rows) and key-tile (128 keys) edges.
+    heads = 2 if length < 1000 else 1
+    case = make_case([length, length + 1], heads_q=heads, head_dim=head_dim, dtype=torch.bfloat16, limits="ism",
+                     seed=length + head_dim)
+    _run(case)
+
+
+@pytest.mark.parametrize("scheme", ["causal", "ism"])
+def test_long_sequence_fp16(scheme):
+    case = make_case([4096], heads_q=1, head_dim=128, dtype=torch.float16, limits=scheme, seed=41)
+    _run(case)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scheme", ["ism", "causal", "random", "full"])
+def test_queries_shorter_than_keys(scheme, head_dim):
+    # Prefill on top of cached keys: the cached keys get gradients too.
+    case = make_case([1, 64, 37, 0, 130], [300, 64, 190, 5, 1000], heads_q=6, heads_kv=3, head_dim=head_dim,
+                     dtype=torch.bfloat16, limits=scheme, seed=3)
+    _run(case)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_varlen_layouts(seed):
+    # Random packed batches (cuda_utils.random_varlen_case), either backward mode, with or without the
+    # max_seqlen hints.
+    rng = random.Random(2000 + seed)
+    case = random_varlen_case(rng, DTYPES, SCHEMES, seed)
+    _run(case, deterministic=rng.random() < 0.3, hints=rng.random() < 0.7)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_empty_rows_and_unseen_keys_get_zero_gradients(head_dim):
+    case = make_case([90, 40, 300], heads_q=2, head_dim=head_dim, dtype=torch.bfloat16, limits="causal", seed=11)
+    case.kv_limit[::3] = 0
+    case.kv_limit[90:130] = 0  # a whole sequence that sees nothing
+    case.kv_limit[130:258] = 0  # whole query tiles that see nothing
+    case.kv_limit[258:] = case.kv_limit[258:].clamp(max=150)  # keys 150.. of the last sequence: unseen
+    dq, dk, dv = _run(case)
+    empty = (case.kv_limit == 0).to(DEV)
+    assert torch.all(dq[empty] == 0)
+    assert torch.all(dk[90:130] == 0) and torch.all(dv[90:130] == 0)
+    assert torch.all(dk[130 + 150:] == 0) and torch.all(dv[130 + 150:] == 0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scheme", ["ism", "causal"])
+def test_lse_gradient(scheme, head_dim):
+    # A loss that also uses lse (d lse / d s = P enters through delta). Layouts without empty rows:
+    # the reference's logsumexp has no finite gradient on a row that sees nothing.
+    case = make_case([150, 77], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=torch.bfloat16, limits=scheme,
+                     seed=13)
+    _run(case, with_lse=True)
+
+
+@pytest.mark.parametrize("scale", [3.0, -0.2, 0.0])
+def test_large_negative_and_zero_scale(scale):
+    case = make_case([130, 70], [130, 90], heads_q=2, head_dim=64, dtype=torch.float16, limits="random", seed=6,
+                     scale=scale)
+    _run(case)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_deterministic_mode_is_bit_identical(head_dim):
+    case = make_case([700, 333, 65], heads_q=8, heads_kv=2, head_dim=head_dim, dtype=torch.bfloat16, limits="ism",
+                     seed=9)
+    first = _run(case, deterministic=True)
+    again = _run(case, deterministic=True)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    atomic = _run(case, deterministic=False)
+    # dK and dV never use atomics: the same kernel, the same order, in both modes.
+    assert torch.equal(atomic[1], first[1]) and torch.equal(atomic[2], first[2])
+    # torch's global switch selects the deterministic kernels as well.
+    torch.use_deterministic_algorithms(True)
+    try:
+        switched = _run(case)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(switched[0], first[0])
+
+
+def test_strided_inputs_and_expanded_output_gradient():
+    gen = torch.Generator().manual_seed(2)
+    t, h, d = 150, 4, 128
+    lim = torch.randint(0, t + 1, (t,), generator=gen, dtype=torch.int32)
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    qkv = torch.randn(t, 3, h, d, generator=gen).to(torch.bfloat16).to(DEV).requires_grad_()
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # views of a fused projection: only the last dim contiguous
+    out = ism_ext.segment_attention(q, k, v, lim.to(DEV), cu_seqlens_q=cu.to(DEV))
+    out.float().sum().backward()  # the gradient of a sum reaches the op as an expanded tensor
+    qr = qkv.detach().cpu().double().requires_grad_()
+    ref, _ = reference_attention(qr[:, 0], qr[:, 1], qr[:, 2], lim, cu, cu, d**-0.5)
+    ref.sum().backward()
+    _close(qkv.grad, qr.grad, TOL[torch.bfloat16][1], "d qkv")
+
+
+def test_non_default_stream():
+    case = make_case([257, 64], heads_q=4, heads_kv=2, head_dim=128, dtype=torch.float16, limits="ism", seed=8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _run(case)
+
+
+def test_opcheck_schema_and_fake():
+    case = make_case([40, 7], heads_q=4, heads_kv=2, head_dim=64, dtype=torch.bfloat16, limits="ism")
+    q, k, v, lim, cu_q, cu_k = (t.to(DEV) for t in (case.q, case.k, case.v, case.kv_limit, case.cu_seqlens_q,
+                                                    case.cu_seqlens_k))
+    out, lse = torch.ops.ism.segment_attn_fwd(q, k, v, lim, cu_q, cu_k, 40, 40, case.softmax_scale)
+    dout = torch.randn_like(out)
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.ism.segment_attn_bwd.default,
+                              (dout, torch.randn_like(lse), q, k, v, out, lse, lim, cu_q, cu_k, 40, 40,
+                               case.softmax_scale, deterministic),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_arguments_raise_like_the_cpu_op():
+    case = make_case([16], heads_q=2, head_dim=64, dtype=torch.bfloat16, limits="causal")
+    q, k, v, lim, cu = (t.to(DEV) for t in (case.q, case.k, case.v, case.kv_limit, case.cu_seqlens_q))
+    out, lse = torch.ops.ism.segment_attn_fwd(q, k, v, lim, cu, cu, None, None, 0.125)
+    bwd = torch.ops.ism.segment_attn_bwd
+    with pytest.raises(ValueError, match="dout must have the shape of q"):
+        bwd(out[:-1], None, q, k, v, out, lse, lim, cu, cu, None, None, 0.125)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        bwd(out, None, q, k, v, out, lse.t(), lim, cu, cu, None, None, 0.125)
+    q32 = q.float()
+    with pytest.raises(TypeError, match="float16 and bfloat16"):
+        bwd(out.float(), None, q32, k.float(), v.float(), out.float(), lse, lim, cu, cu, None, None, 0.125)
+
+
+def test_patched_llama_training_step_on_gpu():
+    # loss.backward() through a patched transformers model runs the CUDA kernels. Its parameter
+    # gradients are held to the stock model's (eager attention, dense mask): against the float32 stock
+    # model, the bfloat16 patched one may err at most about as much as the bfloat16 stock one does.
+    transformers = pytest.importorskip("transformers")
+    from test_hf_models import additive_mask, random_turns
+
+    from ism_ext.layouts import segment_ids_for_turns
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   attention_dropout=0.0)
+    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism").to(DEV, torch.bfloat16)
+    weights = ours.state_dict()
+    stock = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        stock[dtype] = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(DEV, dtype)
+        stock[dtype].load_state_dict({n: w.to(dtype) for n, w in weights.items()})
+    ids = segment_ids_for_turns(random_turns(random.Random(5), 300), "ism")[None].long().to(DEV)
+    tokens = torch.randint(0, 128, ids.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
+    labels = torch.where(ids < 0, tokens, torch.full_like(tokens, -100))
+    mask = additive_mask(ids.cpu()).to(DEV)
+    losses = {"ours": ours(tokens, block_sequence_ids=ids, labels=labels).loss}
+    for dtype, model in stock.items():
+        losses[dtype] = model(tokens, attention_mask=mask.to(dtype), labels=labels).loss
+    for loss in losses.values():
+        loss.backward()
+    ref = losses[torch.float32].item()
+    assert abs(losses["ours"].item() - ref) <= 2 * abs(losses[torch.bfloat16].item() - ref) + 1e-2
+    checked = 0
+    params32, params16 = dict(stock[torch.float32].named_parameters()), dict(stock[torch.bfloat16].named_parameters())
+    for name, p in ours.named_parameters():
+        if "self_attn" not in name:
+            continue
+        g32, g16 = params32[name].grad, params16[name].grad.float()
+        scale = g32.abs().max().item()
+        err_ours = (p.grad.float() - g32).abs().max().item()
+        err_stock = (g16 - g32).abs().max().item()
+        assert err_ours <= 2 * err_stock + 1e-2 * scale, (
+            f"grad of {name}: max error {err_ours:.3g}, stock bfloat16 model {err_stock:.3g} (scale {scale:.3g})")
+        checked += 1
+    assert checked >= 8
