@@ -1,7 +1,9 @@
-"""GPU prefill forward: the ism CUDA kernel against SDPA (causal, flash), FlexAttention and SDPA with a dense mask.
+"""GPU prefill/training attention: the ism CUDA kernels against SDPA (causal, flash), FlexAttention and SDPA
+with a dense mask, forward, backward and forward + backward.
 
-    python benchmarks/bench_prefill_gpu.py            # full sweep -> results/gpu_prefill_fwd.{json,png}
-    python benchmarks/bench_prefill_gpu.py --quick    # two lengths, head dim 128, to try it out
+    python benchmarks/bench_prefill_gpu.py                      # forward sweep -> results/gpu_prefill_fwd.*
+    python benchmarks/bench_prefill_gpu.py --bench bwd fwd_bwd  # -> results/gpu_prefill_bwd.*, gpu_prefill_fwd_bwd.*
+    python benchmarks/bench_prefill_gpu.py --quick              # two lengths, head dim 128, to try it out
 
 Layouts (one per sequence, every sequence of the batch the same):
   ism   an 8-round dialogue: system prompt, then (user, assistant) rounds; user/system turns
@@ -19,10 +21,14 @@ Impls:
 Sizes: bfloat16, head dims 64/128, 1k-16k tokens per sequence; batch = total_tokens // tokens and
 heads = 2048 // head_dim (FlashAttention's benchmark convention), so every shape fills the GPU.
 
-Every record: bench=prefill_fwd, impl, scheme, dtype, head_dim, tokens, batch, heads, ms_median
-(CUDA events, median after warm-up), pairs (visible (query, key) pairs of the mask the impl computes,
-all sequences and one head), tflops (4 * head_dim * heads * pairs / time, DESIGN.md), mask_build_ms,
-and the environment (gpu, torch, cuda, commit). ism records also carry max_abs_diff_vs_flex.
+Benches: fwd (the forward alone), bwd (the backward alone: autograd.grad of a retained graph), fwd_bwd
+(both, as one training step of the layer). Every record: bench=prefill_fwd | prefill_bwd |
+prefill_fwd_bwd, impl, scheme, dtype, head_dim, tokens, batch, heads, ms_median (CUDA events, median
+after warm-up), pairs (visible (query, key) pairs of the mask the impl computes, all sequences and one
+head), tflops (forward 4 * head_dim * heads * pairs, backward 2.5x that, DESIGN.md, over the time),
+mask_build_ms, and the environment (gpu, torch, cuda, commit). ism records also carry
+max_abs_diff_vs_flex and max_rel_diff_vs_flex (the output's, or for bwd the largest of dq, dk and
+dv; relative to the largest magnitude of flex's).
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from common import attention_flops, environment, layout_kv_limit, visible_pairs, write_records
+from tqdm import tqdm
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
 from ism_ext.layouts import dense_mask, kv_limit_for_turns
 
 IMPLS = ["ism", "sdpa_causal", "flex", "sdpa_dense"]
+BENCHES = ["fwd", "bwd", "fwd_bwd"]
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # times the forward's FLOPs (DESIGN.md)
 
 
 def scheme_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
@@ -80,6 +89,22 @@ def timed_build(build: Callable[[], Any]) -> tuple[Any, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
+def compiled_flex(kv_limit: torch.Tensor, tokens: int) -> tuple[Callable[..., torch.Tensor], Any, float]:
+    """(compiled flex_attention, block mask of kv_idx < kv_limit[q_idx], mask build milliseconds)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # A fresh compile per shape: past dynamo's recompile limit flex_attention would fall back to its
+    # unfused eager path and the numbers would mean nothing.
+    torch._dynamo.reset()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < kv_limit[q_idx]
+
+    block_mask, build_ms = timed_build(
+        lambda: create_block_mask(mask_mod, None, None, tokens, tokens, device=kv_limit.device))
+    return torch.compile(flex_attention, dynamic=False), block_mask, build_ms
+
+
 def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale: float):
     """Returns (fn(q, k, v) -> out, mask_build_ms, kv_limit of the mask it computes) for q/k/v [B, L, H, D]."""
     dev = kv_limit.device
@@ -105,17 +130,7 @@ def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale:
 
         return fn, 0.0, torch.arange(1, tokens + 1, dtype=torch.int32)
     if impl == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        # A fresh compile per shape: past dynamo's recompile limit flex_attention would fall back to
-        # its unfused eager path and the numbers would mean nothing.
-        torch._dynamo.reset()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx < kv_limit[q_idx]
-
-        block_mask, build_ms = timed_build(lambda: create_block_mask(mask_mod, None, None, tokens, tokens, device=dev))
-        compiled = torch.compile(flex_attention, dynamic=False)
+        compiled, block_mask, build_ms = compiled_flex(kv_limit, tokens)
 
         def fn(q, k, v):
             out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
@@ -135,9 +150,29 @@ def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale:
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls: list[str], repeats: int,
-               warmup: int, env: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every impl on one shape; returns the records."""
+def timed_call(fn, q, k, v, bench: str, repeats: int, warmup: int) -> tuple[float, Any]:
+    """(median ms, result) of one bench on fn: the forward, the backward of a retained graph, or both."""
+    if bench == "fwd":
+        with torch.no_grad():
+            return cuda_median_ms(lambda: fn(q, k, v), repeats, warmup), fn(q, k, v)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    # The same output gradient for every impl (a fixed seed), so that their gradients compare.
+    grad = torch.randn(q.shape, generator=torch.Generator(device=q.device).manual_seed(2), device=q.device,
+                       dtype=q.dtype)
+    if bench == "bwd":
+        out = fn(*leaves)
+        ms = cuda_median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), repeats, warmup)
+        return ms, torch.autograd.grad(out, leaves, grad)
+
+    def step():
+        return torch.autograd.grad(fn(*leaves), leaves, grad)
+
+    return cuda_median_ms(step, repeats, warmup), step()
+
+
+def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls: list[str], benches: list[str],
+               repeats: int, warmup: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every impl on one shape, for each bench; returns the records."""
     batch, heads = max(1, total_tokens // tokens), max(1, 2048 // head_dim)
     dtype = torch.bfloat16
     kv_limit = scheme_kv_limit(scheme, tokens).to("cuda")
@@ -145,33 +180,42 @@ def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
                for _ in range(3))
     scale = head_dim**-0.5
-    base = dict(bench="prefill_fwd", scheme=scheme, dtype="bfloat16", head_dim=head_dim, tokens=tokens, batch=batch,
-                heads=heads)
-    records, outputs = [], {}
+    base = dict(scheme=scheme, dtype="bfloat16", head_dim=head_dim, tokens=tokens, batch=batch, heads=heads)
+    records = []
+    results: dict[str, dict[str, Any]] = {b: {} for b in benches}
     for impl in impls:
-        rec: dict[str, Any] = {**base, "impl": impl}
         try:
             fn, build_ms, computed = make_impl(impl, kv_limit, batch, tokens, scale)
-            outputs[impl] = fn(q, k, v)
-            ms = cuda_median_ms(lambda fn=fn: fn(q, k, v), repeats, warmup)
-            pairs = visible_pairs(computed) * batch
-            flops = attention_flops(computed, heads, head_dim, backward=False) * batch
-            rec.update(ms_median=ms, tflops=flops / (ms * 1e-3) / 1e12, pairs=pairs, mask_build_ms=build_ms,
-                       repeats=repeats)
-        except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as exc:
-            rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        finally:
-            torch.cuda.empty_cache()
-        records.append({**rec, **env})
-    if "ism" in outputs and "flex" in outputs:
-        diff = (outputs["ism"].float() - outputs["flex"].float()).abs().max().item()
-        for r in records:
-            if r["impl"] == "ism":
-                r["max_abs_diff_vs_flex"] = diff
+        except (RuntimeError, NotImplementedError) as exc:
+            fn, build_ms, computed, setup_error = None, 0.0, None, f"{type(exc).__name__}: {str(exc)[:300]}"
+        for bench in benches:
+            rec: dict[str, Any] = {**base, "bench": f"prefill_{bench}", "impl": impl}
+            try:
+                if fn is None:
+                    raise RuntimeError(setup_error)
+                ms, results[bench][impl] = timed_call(fn, q, k, v, bench, repeats, warmup)
+                flops = attention_flops(computed, heads, head_dim, backward=False) * batch * FLOP_FACTOR[bench]
+                rec.update(ms_median=ms, tflops=flops / (ms * 1e-3) / 1e12, pairs=visible_pairs(computed) * batch,
+                           mask_build_ms=build_ms, repeats=repeats)
+            except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as exc:
+                rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            finally:
+                torch.cuda.empty_cache()
+            records.append({**rec, **env})
+    for bench, res in results.items():
+        if "ism" in res and "flex" in res:
+            pairs = zip(res["ism"], res["flex"], strict=True) if bench != "fwd" else [(res["ism"], res["flex"])]
+            pairs = list(pairs)
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+            rel = max((a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
+                      for a, b in pairs)
+            for r in records:
+                if r["impl"] == "ism" and r["bench"] == f"prefill_{bench}":
+                    r["max_abs_diff_vs_flex"], r["max_rel_diff_vs_flex"] = diff, rel
     return records
 
 
-def plot(records: list[dict[str, Any]], path) -> None:
+def plot(records: list[dict[str, Any]], path, what: str = "prefill forward") -> None:
     """TFLOP/s over tokens per sequence: one panel per (scheme, head dim)."""
     import matplotlib
 
@@ -197,15 +241,34 @@ def plot(records: list[dict[str, Any]], path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     env = ok[0] if ok else {}
-    fig.suptitle(f"prefill forward on {env.get('gpu', '?')}: torch {env.get('torch', '?')}, CUDA "
+    fig.suptitle(f"{what} on {env.get('gpu', '?')}: torch {env.get('torch', '?')}, CUDA "
                  f"{env.get('cuda', '?')}, commit {env.get('commit', '?')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def print_table(records: list[dict[str, Any]], impls: list[str]) -> None:
+    """One line per (scheme, head dim, tokens): ms and TFLOP/s of each impl, and ism's speed ratios."""
+    key = lambda r: (r["scheme"], r["head_dim"], r["tokens"])  # noqa: E731
+    print(f"{'scheme':<7}{'d':>4}{'tokens':>7}{'batch':>6}  " + "".join(f"{i:>20}" for i in impls)
+          + "   ism/causal  ism/flex")
+    for (scheme, hd, tokens), group in itertools.groupby(sorted(records, key=key), key=key):
+        by_impl = {r["impl"]: r for r in group}
+        batch = next(iter(by_impl.values()))["batch"]
+        cells = [f"{by_impl[i]['ms_median']:8.3f} {by_impl[i]['tflops']:6.1f}" if "tflops" in by_impl.get(i, {})
+                 else "error" for i in impls]
+        ratios = []
+        for other in ("sdpa_causal", "flex"):
+            a, b = by_impl.get("ism", {}), by_impl.get(other, {})
+            ratios.append(f"{a['tflops'] / b['tflops']:9.2f}" if "tflops" in a and "tflops" in b else f"{'-':>9}")
+        print(f"{scheme:<7}{hd:>4}{tokens:>7}{batch:>6}  " + "".join(f"{c:>20}" for c in cells) + "  " +
+              " ".join(ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", nargs="+", default=["fwd"], choices=BENCHES)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--schemes", nargs="+", default=["ism", "mas"])
@@ -213,7 +276,7 @@ def main() -> None:
     parser.add_argument("--total-tokens", type=int, default=16384, help="batch = total_tokens // tokens")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--name", default="gpu_prefill_fwd", help="results/<name>.json and .png")
+    parser.add_argument("--suffix", default="", help="results/gpu_prefill_<bench><suffix>.json and .png")
     parser.add_argument("--quick", action="store_true", help="2k and 8k tokens, head dim 128")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -225,22 +288,18 @@ def main() -> None:
 
     env = environment()
     records: list[dict[str, Any]] = []
-    for scheme, hd, tokens in itertools.product(args.schemes, args.head_dims, args.tokens):
-        print(f"{scheme} d={hd} tokens={tokens}", flush=True)
-        records += run_config(scheme, tokens, hd, args.total_tokens, args.impls, args.repeats, args.warmup, env)
-    path = write_records(args.name, records)
-    plot(records, path.with_suffix(".png"))
-
+    configs = list(itertools.product(args.schemes, args.head_dims, args.tokens))
+    for scheme, hd, tokens in tqdm(configs, desc="shapes", unit="shape"):
+        records += run_config(scheme, tokens, hd, args.total_tokens, args.impls, args.bench, args.repeats,
+                              args.warmup, env)
     print(f"\n{env.get('gpu')}  torch {env['torch']}  CUDA {env['cuda']}  (ms median / TFLOP/s)")
-    print(f"{'scheme':<7}{'d':>4}{'tokens':>7}{'batch':>6}  " + "".join(f"{i:>20}" for i in args.impls))
-    key = lambda r: (r["scheme"], r["head_dim"], r["tokens"])  # noqa: E731
-    for (scheme, hd, tokens), group in itertools.groupby(sorted(records, key=key), key=key):
-        by_impl = {r["impl"]: r for r in group}
-        batch = next(iter(by_impl.values()))["batch"]
-        cells = [f"{by_impl[i]['ms_median']:8.3f} {by_impl[i]['tflops']:6.1f}" if "tflops" in by_impl.get(i, {})
-                 else "error" for i in args.impls]
-        print(f"{scheme:<7}{hd:>4}{tokens:>7}{batch:>6}  " + "".join(f"{c:>20}" for c in cells))
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    titles = {"fwd": "prefill forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
+    for bench in args.bench:
+        mine = [r for r in records if r["bench"] == f"prefill_{bench}"]
+        path = write_records(f"gpu_prefill_{bench}{args.suffix}", mine)
+        plot(mine, path.with_suffix(".png"), titles[bench])
+        print(f"\n{titles[bench]}  -> {path} (+ .png)")
+        print_table(mine, args.impls)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension for the local arch, run the CUDA tests, then the
+# GPU benchmarks; logs and JSON go to $OUT (default ./gpu_out). Steps are picked by arguments:
+#   bash benchmarks/gpu_suite.sh build test sanitize bench train   # everything
+#   bash benchmarks/gpu_suite.sh build test                        # build and the CUDA tests only
+#   bash benchmarks/gpu_suite.sh build profile ncu                 # where the backward's time goes
+# Steps: build (setup.py build_ext --inplace, -Xptxas -v report in build.log), test (the CUDA test
+# files), sanitize (compute-sanitizer memcheck and racecheck on tests/cuda/sanitize_case.py), bench
+# (benchmarks/bench_prefill_gpu.py with BENCH_ARGS), train (benchmarks/bench_train_step_gpu.py with
+# TRAIN_ARGS), profile (benchmarks/profile_kernels_gpu.py: per-kernel times of one call), ncu (Nsight
+# Compute sections of one dK/dV kernel launch, 8k-token ISM, head dim 128). Environment: TORCH_CUDA_ARCH_LIST (default 9.0a, Hopper), MAX_JOBS (default 16),
+# PYTEST_ARGS (default: both CUDA test files), BENCH_ARGS, TRAIN_ARGS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+step() { echo "== $* ($(date +%T))"; }
+
+for what in "$@"; do
+  case "$what" in
+    build)
+      step build
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+      # The system compiler when there is one: on the lent GPU machines /opt/gcc's g++ comes first on
+      # PATH and links parts of libstdc++ into the extension, whose exceptions then segfault (a
+      # TORCH_CHECK message crashed inside std::ostream). Plain toolchains need no such care.
+      if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+      t0=$(date +%s)
+      NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas -v" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
+        || { grep -B2 -A8 -i "error" "$OUT/build.log" | head -80; exit 1; }
+      echo "build: $(( $(date +%s) - t0 )) s"
+      ;;
+    test)
+      step test
+      timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 \
+        ${PYTEST_ARGS:-tests/test_segment_attention_cuda.py tests/test_segment_attention_cuda_bwd.py} 2>&1 \
+        | tee "$OUT/test.log" | tail -60
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    bench)
+      step bench
+      (cd benchmarks && timeout "${BENCH_TIMEOUT:-1200}" "$PY" bench_prefill_gpu.py ${BENCH_ARGS:-} 2>&1) | tee "$OUT/bench.log" | tail -40
+      cp benchmarks/results/gpu_prefill_*.json benchmarks/results/gpu_prefill_*.png "$OUT"/ 2>/dev/null
+      ;;
+    sanitize)
+      step sanitize
+      for tool in memcheck racecheck; do
+        timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/cuda/sanitize_case.py >"$OUT/sanitize_$tool.log" 2>&1 \
+          || status=1
+        echo "$tool: $(tail -3 "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+      done
+      ;;
+    train)
+      step train
+      (cd benchmarks && timeout "${BENCH_TIMEOUT:-1200}" "$PY" bench_train_step_gpu.py ${TRAIN_ARGS:-} 2>&1) | tee "$OUT/train.log" | tail -12
+      cp benchmarks/results/gpu_train_step.* "$OUT"/ 2>/dev/null
+      ;;
+    profile)
+      step profile
+      "$PY" benchmarks/profile_kernels_gpu.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log"
+      ;;
+    ncu)
+      step ncu
+      timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none -k regex:dkdv --launch-count 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section Occupancy \
+        --section LaunchStats --section SchedulerStats \
+        "$PY" benchmarks/profile_kernels_gpu.py --repeats 1 >"$OUT/ncu.log" 2>&1 || status=1
+      grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles|Stall|Eligible|Issued" "$OUT/ncu.log" | head -40
+      ;;
+    *) echo "unknown step $what"; exit 2 ;;
+  esac
+done
+exit $status
