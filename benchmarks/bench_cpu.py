@@ -96,7 +96,7 @@ def run_config(tokens: int, head_dim: int, dtype: torch.dtype, heads: int, impls
             except Exception as exc:  # e.g. a FlexAttention path this torch cannot compile on CPU
                 records.append({**base, **env, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
-            flops = attention_flops(kv_limit, heads, head_dim, backward)
+            flops = attention_flops(kv_limit, heads, head_dim, "fwd_bwd" if backward else "fwd")
             records.append({**base, "ms_median": ms, "tflops": flops / (ms * 1e-3) / 1e12, "peak_mem_mb": peak,
                             "repeats": repeats, **env})
     return records

@@ -43,15 +43,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import attention_flops, environment, layout_kv_limit, visible_pairs, write_records
+from common import FLOP_FACTOR, attention_flops, environment, layout_kv_limit, visible_pairs, write_records
 from tqdm import tqdm
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
 from ism_ext.layouts import dense_mask, kv_limit_for_turns
 
 IMPLS = ["ism", "sdpa_causal", "flex", "sdpa_dense"]
-BENCHES = ["fwd", "bwd", "fwd_bwd"]
-FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # times the forward's FLOPs (DESIGN.md)
+BENCHES = list(FLOP_FACTOR)
 
 
 def scheme_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
@@ -151,10 +150,12 @@ def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale:
 
 
 def timed_call(fn, q, k, v, bench: str, repeats: int, warmup: int) -> tuple[float, Any]:
-    """(median ms, result) of one bench on fn: the forward, the backward of a retained graph, or both."""
+    """(median ms, results) of one bench on fn: the forward, the backward of a retained graph, or both.
+
+    results: (out,) for fwd, (dq, dk, dv) otherwise."""
     if bench == "fwd":
         with torch.no_grad():
-            return cuda_median_ms(lambda: fn(q, k, v), repeats, warmup), fn(q, k, v)
+            return cuda_median_ms(lambda: fn(q, k, v), repeats, warmup), (fn(q, k, v),)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     # The same output gradient for every impl (a fixed seed), so that their gradients compare.
     grad = torch.randn(q.shape, generator=torch.Generator(device=q.device).manual_seed(2), device=q.device,
@@ -194,7 +195,7 @@ def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls
                 if fn is None:
                     raise RuntimeError(setup_error)
                 ms, results[bench][impl] = timed_call(fn, q, k, v, bench, repeats, warmup)
-                flops = attention_flops(computed, heads, head_dim, backward=False) * batch * FLOP_FACTOR[bench]
+                flops = attention_flops(computed, heads, head_dim, bench) * batch
                 rec.update(ms_median=ms, tflops=flops / (ms * 1e-3) / 1e12, pairs=visible_pairs(computed) * batch,
                            mask_build_ms=build_ms, repeats=repeats)
             except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as exc:
@@ -204,11 +205,12 @@ def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls
             records.append({**rec, **env})
     for bench, res in results.items():
         if "ism" in res and "flex" in res:
-            pairs = zip(res["ism"], res["flex"], strict=True) if bench != "fwd" else [(res["ism"], res["flex"])]
-            pairs = list(pairs)
-            diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
-            rel = max((a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-                      for a, b in pairs)
+            # Largest over the outputs (out, or dq/dk/dv): the absolute difference, and relative to
+            # the largest magnitude of flex's tensor.
+            diffs = [((a.float() - b.float()).abs().max().item(), b.float().abs().max().item())
+                     for a, b in zip(res["ism"], res["flex"], strict=True)]
+            diff = max(d for d, _ in diffs)
+            rel = max(d / max(scale, 1e-30) for d, scale in diffs)
             for r in records:
                 if r["impl"] == "ism" and r["bench"] == f"prefill_{bench}":
                     r["max_abs_diff_vs_flex"], r["max_rel_diff_vs_flex"] = diff, rel

@@ -42,10 +42,13 @@ def visible_pairs(kv_limit: torch.Tensor) -> int:
     return int(kv_limit.long().sum())
 
 
-def attention_flops(kv_limit: torch.Tensor, heads_q: int, head_dim: int, backward: bool) -> float:
-    """FLOPs of forward (or forward + backward) attention over the visible pairs."""
-    fwd = 4.0 * head_dim * heads_q * visible_pairs(kv_limit)
-    return fwd * 3.5 if backward else fwd
+# FLOPs of each timed pass in units of the forward's (DESIGN.md): the backward counts 2.5 forwards.
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+def attention_flops(kv_limit: torch.Tensor, heads_q: int, head_dim: int, bench: str) -> float:
+    """FLOPs of attention over the visible pairs for the pass `bench`: fwd, bwd or fwd_bwd."""
+    return 4.0 * head_dim * heads_q * visible_pairs(kv_limit) * FLOP_FACTOR[bench]
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:

@@ -8,7 +8,8 @@
 # files), sanitize (compute-sanitizer memcheck and racecheck on tests/cuda/sanitize_case.py), bench
 # (benchmarks/bench_prefill_gpu.py with BENCH_ARGS), train (benchmarks/bench_train_step_gpu.py with
 # TRAIN_ARGS), profile (benchmarks/profile_kernels_gpu.py: per-kernel times of one call), ncu (Nsight
-# Compute sections of one dK/dV kernel launch, 8k-token ISM, head dim 128). Environment: TORCH_CUDA_ARCH_LIST (default 9.0a, Hopper), MAX_JOBS (default 16),
+# Compute sections of one dK/dV kernel launch, 8k-token ISM, head dim 128). With PACK=1 everything
+# under $OUT ends up in one $OUT/gpu_suite.tgz (the device tool returns at most 8 files). Environment: TORCH_CUDA_ARCH_LIST (default 9.0a, Hopper), MAX_JOBS (default 16),
 # PYTEST_ARGS (default: both CUDA test files), BENCH_ARGS, TRAIN_ARGS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 step() { echo "== $* ($(date +%T))"; }
+# Copies the results/<prefix>* files written since `stamp` (not the committed ones) to $OUT.
+copy_new_results() { find benchmarks/results -name "$1*" -newer "$2" -exec cp {} "$OUT"/ \; ; }
 
 for what in "$@"; do
   case "$what" in
@@ -43,8 +46,9 @@ for what in "$@"; do
       ;;
     bench)
       step bench
+      touch "$OUT/.bench_start"
       (cd benchmarks && timeout "${BENCH_TIMEOUT:-1200}" "$PY" bench_prefill_gpu.py ${BENCH_ARGS:-} 2>&1) | tee "$OUT/bench.log" | tail -40
-      cp benchmarks/results/gpu_prefill_*.json benchmarks/results/gpu_prefill_*.png "$OUT"/ 2>/dev/null
+      copy_new_results gpu_prefill_ "$OUT/.bench_start"
       ;;
     sanitize)
       step sanitize
@@ -56,8 +60,9 @@ for what in "$@"; do
       ;;
     train)
       step train
+      touch "$OUT/.train_start"
       (cd benchmarks && timeout "${BENCH_TIMEOUT:-1200}" "$PY" bench_train_step_gpu.py ${TRAIN_ARGS:-} 2>&1) | tee "$OUT/train.log" | tail -12
-      cp benchmarks/results/gpu_train_step.* "$OUT"/ 2>/dev/null
+      copy_new_results gpu_train_step "$OUT/.train_start"
       ;;
     profile)
       step profile
@@ -75,4 +80,8 @@ for what in "$@"; do
     *) echo "unknown step $what"; exit 2 ;;
   esac
 done
+rm -f "$OUT"/.bench_start "$OUT"/.train_start
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf "$PWD/gpu_suite.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$PWD/gpu_suite.tgz" "$OUT"/
+fi
 exit $status

@@ -5,26 +5,9 @@
 // workspace, the kernel files to carve shared memory.
 #pragma once
 
-#include "../tile_range.h"  // ISM_HOST_DEVICE
+#include "swizzled_rows.h"
 
 namespace ism::cuda {
-
-// A row-major tile of 16-bit elements in shared memory whose rows are kCols elements (kCols / 8
-// 16-byte chunks), XOR-swizzled as in FwdTileShape: chunk c of row r sits at chunk c ^ (r & 7), so
-// the 8 rows that one ldmatrix phase reads (same logical chunk) hit 8 different bank groups.
-// kNThreads is the number of threads that copy such a tile together (tile_io.cuh).
-template <int kCols_, int kNThreads_>
-struct SwizzledRows {
-  static constexpr int kCols = kCols_;
-  static constexpr int kNThreads = kNThreads_;
-  static constexpr int kChunks = kCols / 8;
-  static constexpr int kRowBytes = kCols * 2;
-  ISM_HOST_DEVICE static constexpr int swizzle(int row, int chunk) { return row * kCols + ((chunk ^ (row & 7)) << 3); }
-  // XOR that moves an ldmatrix lane address formed for chunk pair 0 to chunk pair `pair` (see
-  // FwdTileShape::chunk_pair_xor); needs the tile 256-byte aligned and rows of >= 128 bytes.
-  ISM_HOST_DEVICE static constexpr int chunk_pair_xor(int pair) { return pair << 5; }
-  static_assert(kCols % 64 == 0, "the swizzle needs at least 8 chunks (128 bytes) per row");
-};
 
 // The dK/dV kernel (segment_attn_bwd_dkdv_kernel.cuh): one thread block owns one key tile of
 // kBlockN keys of one (sequence, K/V head) and walks the query tiles (kBlockM rows) of every query

@@ -6,7 +6,7 @@
 // sizes depend on the head dim alone (bf16 and fp16 have the same width).
 #pragma once
 
-#include "../tile_range.h"  // ISM_HOST_DEVICE
+#include "swizzled_rows.h"
 
 namespace ism::cuda {
 
@@ -26,11 +26,17 @@ namespace ism::cuda {
 //
 // Key tiles are 64 keys for both: the score tile stays at 32 floats per 16 rows, and the double
 // buffered K and V tiles cost 4 * 64 * d * 2 bytes (32 KiB at d = 64, 64 KiB at d = 128).
+//
+// Every tile (Q, K, V, the output) has rows of d elements: the layout of SwizzledRows<d, 128>, whose
+// kNThreads, kChunks, kRowBytes, swizzle() and chunk_pair_xor() the shape inherits.
 template <int kHeadDim_>
-struct FwdTileShape {
+struct FwdTileShape : SwizzledRows<kHeadDim_, 4 * 32> {
+  using Rows = SwizzledRows<kHeadDim_, 4 * 32>;
+  using Rows::kChunks;
+  using Rows::kNThreads;
+  using Rows::kRowBytes;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kNWarps = 4;
-  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kNWarps = kNThreads / 32;
   static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;  // query rows of a tile (see above)
   static constexpr int kBlockN = 64;                         // keys of a key tile
   static constexpr int kWarpRows = kBlockM / kNWarps;        // 32 or 16
@@ -44,7 +50,6 @@ struct FwdTileShape {
 
   // Shared memory, in elements of 2 bytes. A row of a tile is d contiguous elements made of
   // kChunks 16-byte chunks (one cp.async, one ldmatrix row, one vector store each).
-  static constexpr int kChunks = kHeadDim / 8;
   static constexpr int kQElems = kBlockM * kHeadDim;   // Q tile; reused for the output tile
   static constexpr int kKVElems = kBlockN * kHeadDim;  // one K or one V tile
   static constexpr int kSmemQ = 0;
@@ -58,25 +63,8 @@ struct FwdTileShape {
   static constexpr int kSmemAlign = 256;
   static constexpr int kSmemBytes = kSmemTileBytes + kSmemLimitBytes + kSmemAlign;
 
-  // Byte stride of a tile row, and the XOR that moves an ldmatrix row address from 16-byte chunk
-  // pair 0 to chunk pair `pair` (chunks 2 pair, 2 pair + 1) when the address was formed for pair 0:
-  // chunk c ^ (row & 7) with c = 2 pair + b (b in {0, 1}) equals (b ^ (row & 7)) ^ (2 pair), and the
-  // chunk sits in address bits 4 and up of a kSmemAlign-aligned tile.
-  static constexpr int kRowBytes = kHeadDim * 2;
-  ISM_HOST_DEVICE static constexpr int chunk_pair_xor(int pair) { return pair << 5; }
-
-  // XOR swizzle: element offset of chunk `chunk` of row `row`. The 8 rows an ldmatrix phase reads
-  // (8 consecutive rows, same logical chunk) land on 8 different 16-byte bank groups, because the
-  // physical chunk's low 3 bits are chunk ^ (row & 7) and a row is a multiple of 128 bytes. Writes
-  // (cp.async, one row's chunks per 8 or 16 threads) stay conflict-free as a permutation of a row.
-  ISM_HOST_DEVICE static constexpr int swizzle(int row, int chunk) {
-    return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-  }
-
-  static_assert(kHeadDim % 64 == 0, "the swizzle needs at least 8 chunks (128 bytes) per row");
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 row blocks");
   static_assert(kBlockM <= kNThreads, "one thread per row reads kv_limit");
-  static_assert(kNThreads % kChunks == 0, "tile loads cover whole rows per pass");
   static_assert((kBlockM * kChunks) % kNThreads == 0 && (kBlockN * kChunks) % kNThreads == 0,
                 "tile loads divide evenly over the threads");
   static_assert(kBlockN % 16 == 0, "P is fed to the PV product in k16 steps");

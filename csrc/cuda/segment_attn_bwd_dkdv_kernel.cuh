@@ -33,9 +33,12 @@
 #include <cstdint>
 
 #include "../ism_params.h"
+#include "../tile_range.h"
 #include "bwd_kernel_traits.h"
 #include "mma_utils.cuh"
+#include "packed_rows.cuh"
 #include "tile_io.cuh"
+#include "warp_mma.cuh"
 
 namespace ism::cuda {
 
@@ -44,7 +47,8 @@ struct BwdDkDvTraits : BwdDkDvShape<kHeadDim> {
   using Element = Element_;
 };
 
-// The first query tile m of a sequence (of n_tiles) whose largest kv_limit exceeds `key0`, or n_tiles.
+// The first query tile m of a sequence (of n_tiles) that sees the key tile starting at `key0` (its
+// largest kv_limit exceeds key0, tile_range.h), or n_tiles.
 // bounds[2 m + 1] is that largest limit. All threads of the block call it; it returns the same value
 // in all of them. s_scan holds one int per warp.
 template <int kNThreads>
@@ -52,7 +56,7 @@ __device__ __forceinline__ int first_query_tile_seeing(const int* bounds, int n_
   const int warp = threadIdx.x / 32;
   for (int base = 0; base < n_tiles; base += kNThreads) {
     const int m = base + static_cast<int>(threadIdx.x);
-    const bool sees = m < n_tiles && bounds[2 * m + 1] > key0;
+    const bool sees = m < n_tiles && query_tile_sees_key_tile(bounds[2 * m + 1], key0);
     const unsigned vote = __ballot_sync(0xffffffffu, sees);
     if (threadIdx.x % 32 == 0) s_scan[warp] = vote ? base + warp * 32 + __ffs(vote) - 1 : INT_MAX;
     __syncthreads();
@@ -82,13 +86,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
   const int rest = static_cast<int>(blockIdx.x) % heads_x_batch;
   const int kv_head = rest % p.h_kv;
   const int seq = rest / p.h_kv;
-  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
-  const int seqlen_k = min(max(p.cu_seqlens_k[seq + 1], k_begin), p.total_k) - k_begin;
+  const SeqRows k_seq = sequence_rows(p.cu_seqlens_k, seq, p.total_k);
+  const int k_begin = k_seq.begin, seqlen_k = k_seq.len;
   const int key0 = n_tile * kBlockN;  // first key of the tile, counted within the sequence
   if (key0 >= seqlen_k) return;       // the grid is sized by the longest sequence
   const int keys = min(kBlockN, seqlen_k - key0);
-  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
-  const int seqlen_q = min(max(p.cu_seqlens_q[seq + 1], q_begin), p.total_q) - q_begin;
+  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
+  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
   const int n_q_tiles = (seqlen_q + kBlockM - 1) / kBlockM;
   const int group = p.h_q / p.h_kv;
   const int head0 = kv_head * group;
@@ -200,7 +204,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
       next_m = m + 1;
       next_min = peek_min;
       int next_max = peek_max;
-      while (next_m < n_q_tiles && next_max <= key0) {
+      while (next_m < n_q_tiles && !query_tile_sees_key_tile(next_max, key0)) {
         ++next_m;
         if (next_m < n_q_tiles) {
           next_min = bounds[2 * next_m];
@@ -224,32 +228,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
       cp_async_commit();
     }
 
-    const bool full = cur_min >= key0 + kBlockN;  // every query of the tile sees every key
+    const bool full = key_tile_is_full(cur_min, key0, kBlockN);  // every query of the tile sees every key
     const uint32_t q_addr = sQ_addr + buf * (kBlockM * kRowBytes);
     const uint32_t do_addr = sDo_addr + buf * (kBlockM * kRowBytes);
     const float* lse_s = sLse + buf * kBlockM;
     const float* delta_s = sDelta + buf * kBlockM;
     const int* limit_s = sLimit + buf * kBlockM;
 
-    // S^T = K Q^T: 16 keys x kBlockM queries per warp. The B operand is the Q tile stored
-    // [query][d], i.e. [n][k]: plain ldmatrix, chunks first.
+    // S^T = K Q^T: 16 keys x kBlockM queries per warp; the Q tile is [query][d] = [n][k].
     float st[kSTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Kt::kQKSteps; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, k_warp ^ KvRows::chunk_pair_xor(kk));
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, ((q_addr + lane_chunks_first) ^ KvRows::chunk_pair_xor(kk)) + np * 16 * kRowBytes);
-        mma_m16n8k16<Element>(st[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<Element>(st[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    warp_mma_rows_by_rows_t<Element, KvRows, Kt::kQKSteps>(st, k_warp, q_addr + lane_chunks_first);
     // P^T from the saved lse, packed at once into A operands over k16 steps of queries (two adjacent
     // n8 tiles of the accumulator are one A fragment, as the forward's P), so that only 16-bit P^T
     // is live while dP^T is computed. Element e of n-tile nt: key key_row + 8 (e / 2), query
@@ -274,38 +262,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
       p_frag[nt / 2][2 * (nt % 2) + 1] = pack_float2<Element>(st[nt][2], st[nt][3]);
     }
 
-    // dV += P^T dO: B is the dO tile stored [query][d] = [k][n]: ldmatrix.trans, rows first; one x4
-    // gives d-tiles 2 dp and 2 dp + 1 of one k16 step.
-#pragma unroll
-    for (int dp = 0; dp < kDTiles / 2; ++dp) {
-#pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, ((do_addr + lane_rows_first) ^ KvRows::chunk_pair_xor(dp)) + kk * 16 * kRowBytes);
-        mma_m16n8k16<Element>(dv[2 * dp], p_frag[kk], b[0], b[1]);
-        mma_m16n8k16<Element>(dv[2 * dp + 1], p_frag[kk], b[2], b[3]);
-      }
-    }
+    // dV += P^T dO: the dO tile is [query][d] = [k][n].
+    warp_mma_regs_by_rows<Element, KvRows>(dv, p_frag, do_addr + lane_rows_first);
 
     // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place, with P^T read back from its 16-bit
     // fragments (the rounding that the dV product already used).
     float dpt[kSTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dpt[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Kt::kQKSteps; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, v_warp ^ KvRows::chunk_pair_xor(kk));
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, ((do_addr + lane_chunks_first) ^ KvRows::chunk_pair_xor(kk)) + np * 16 * kRowBytes);
-        mma_m16n8k16<Element>(dpt[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<Element>(dpt[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    warp_mma_rows_by_rows_t<Element, KvRows, Kt::kQKSteps>(dpt, v_warp, do_addr + lane_chunks_first);
     uint32_t ds_frag[kQSteps][4];
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
@@ -319,16 +282,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
     }
 
     // dK += dS^T Q, as dV with the Q tile.
-#pragma unroll
-    for (int dp = 0; dp < kDTiles / 2; ++dp) {
-#pragma unroll
-      for (int kk = 0; kk < kQSteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, ((q_addr + lane_rows_first) ^ KvRows::chunk_pair_xor(dp)) + kk * 16 * kRowBytes);
-        mma_m16n8k16<Element>(dk[2 * dp], ds_frag[kk], b[0], b[1]);
-        mma_m16n8k16<Element>(dk[2 * dp + 1], ds_frag[kk], b[2], b[3]);
-      }
-    }
+    warp_mma_regs_by_rows<Element, KvRows>(dk, ds_frag, q_addr + lane_rows_first);
 
     if constexpr (kAtomicDq) {
       // dS^T to shared memory ([key][query]); A fragment register i of step kk holds rows g (i even)

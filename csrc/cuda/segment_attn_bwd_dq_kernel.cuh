@@ -20,7 +20,9 @@
 #include "block_reduce.cuh"
 #include "bwd_kernel_traits.h"
 #include "mma_utils.cuh"
+#include "packed_rows.cuh"
 #include "tile_io.cuh"
+#include "warp_mma.cuh"
 
 namespace ism::cuda {
 
@@ -46,14 +48,14 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
   const int rest = static_cast<int>(blockIdx.x) % heads_x_batch;
   const int head = rest % p.h_q;
   const int seq = rest / p.h_q;
-  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
-  const int seqlen_q = min(max(p.cu_seqlens_q[seq + 1], q_begin), p.total_q) - q_begin;
+  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
+  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
   const int tile_row0 = m_tile * kBlockM;
   if (tile_row0 >= seqlen_q) return;
   const int rows = min(kBlockM, seqlen_q - tile_row0);
   const int q_row0 = q_begin + tile_row0;
-  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
-  const int seqlen_k = min(max(p.cu_seqlens_k[seq + 1], k_begin), p.total_k) - k_begin;
+  const SeqRows k_seq = sequence_rows(p.cu_seqlens_k, seq, p.total_k);
+  const int k_begin = k_seq.begin, seqlen_k = k_seq.len;
   const int kv_head = head / (p.h_q / p.h_kv);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
   if (tid < kBlockM) {
     int lim = 0;  // rows past the end: limit 0, outside the min/max
     if (tid < rows) {
-      lim = min(max(p.kv_limit[q_row0 + tid], 0), seqlen_k);
+      lim = clamp_int(p.kv_limit[q_row0 + tid], 0, seqlen_k);
       lo = hi = lim;
     }
     sLimit[tid] = lim;
@@ -204,17 +206,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
       ds_frag[kk][2] = pack_float2<Element>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
       ds_frag[kk][3] = pack_float2<Element>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
     }
-    // dQ += dS K: K as [key][d] = [k][n], ldmatrix.trans, rows first.
-#pragma unroll
-    for (int dpair = 0; dpair < kDTiles / 2; ++dpair) {
-#pragma unroll
-      for (int kk = 0; kk < Kt::kKeySteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, ((k_addr + lane_rows_first) ^ Rows::chunk_pair_xor(dpair)) + kk * 16 * kRowBytes);
-        mma_m16n8k16<Element>(dq[2 * dpair], ds_frag[kk], b[0], b[1]);
-        mma_m16n8k16<Element>(dq[2 * dpair + 1], ds_frag[kk], b[2], b[3]);
-      }
-    }
+    // dQ += dS K: the K tile is [key][d] = [k][n].
+    warp_mma_regs_by_rows<Element, Rows>(dq, ds_frag, k_addr + lane_rows_first);
   }
 
   // ---- 5. Epilogue: dQ * softmax_scale, staged in the Q tile (each warp rewrites only the rows it

@@ -8,19 +8,12 @@
 #include <cstdint>
 
 #include "../ism_params.h"
+#include "launch_utils.h"
 #include "segment_attn_bwd_dkdv_kernel.cuh"
 #include "segment_attn_bwd_dq_kernel.cuh"
 #include "segment_attn_bwd_prepass.cuh"
 
 namespace ism::cuda {
-
-// Above 48 KiB of dynamic shared memory a kernel must opt in; the attribute belongs to the function
-// on the current device, so it is set on every launch (a cheap host call).
-template <typename Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
 
 template <int kHeadDim, typename Element>
 cudaError_t launch_segment_attn_bwd(const SegmentAttnBwdParams& params, bool deterministic, cudaStream_t stream) {

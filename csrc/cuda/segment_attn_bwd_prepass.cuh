@@ -16,6 +16,7 @@
 #include "block_reduce.cuh"
 #include "bwd_kernel_traits.h"
 #include "mma_utils.cuh"
+#include "packed_rows.cuh"
 
 namespace ism::cuda {
 
@@ -31,8 +32,8 @@ __global__ void __launch_bounds__(kPrepassThreads) segment_attn_bwd_prepass_kern
   const int m_tile = static_cast<int>(blockIdx.x) % p.q_tiles_stride;
   const int seq = static_cast<int>(blockIdx.x) / p.q_tiles_stride;
   const int head = blockIdx.y;
-  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
-  const int seqlen_q = min(max(p.cu_seqlens_q[seq + 1], q_begin), p.total_q) - q_begin;
+  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
+  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
   const int tile_row0 = m_tile * kBlockM;
   if (tile_row0 >= seqlen_q) return;
   const int rows = min(kBlockM, seqlen_q - tile_row0);
@@ -69,10 +70,9 @@ __global__ void __launch_bounds__(kPrepassThreads) segment_attn_bwd_prepass_kern
 
   if (head != 0) return;
   __shared__ int s_reduce[2 * (kPrepassThreads / 32)];
-  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
-  const int seqlen_k = min(max(p.cu_seqlens_k[seq + 1], k_begin), p.total_k) - k_begin;
+  const int seqlen_k = sequence_rows(p.cu_seqlens_k, seq, p.total_k).len;
   int lo = INT_MAX, hi = 0;
-  if (tid < rows) lo = hi = min(max(p.kv_limit[row0 + tid], 0), seqlen_k);
+  if (tid < rows) lo = hi = clamp_int(p.kv_limit[row0 + tid], 0, seqlen_k);
   const int2 limit_bounds = block_min_max<kPrepassThreads / 32>(lo, hi, s_reduce);
   if (tid == 0) {
     int* bounds = p.q_tile_bounds + 2 * (static_cast<int64_t>(seq) * p.q_tiles_stride + m_tile);

@@ -27,6 +27,7 @@
 #include "fwd_kernel_traits.h"
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
+#include "packed_rows.cuh"
 #include "tile_io.cuh"
 
 namespace ism::cuda {
@@ -36,7 +37,6 @@ struct FwdKernelTraits : FwdTileShape<kHeadDim> {
   using Element = Element_;
 };
 
-__device__ __forceinline__ int clamp_int(int x, int lo, int hi) { return min(max(x, lo), hi); }
 
 template <typename Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const SegmentAttnFwdParams p) {
@@ -57,13 +57,13 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
   const int head = rest % p.h_q;
   const int seq = rest / p.h_q;
 
-  const int q_begin = clamp_int(p.cu_seqlens_q[seq], 0, p.total_q);
-  const int q_end = clamp_int(p.cu_seqlens_q[seq + 1], q_begin, p.total_q);
+  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
+  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
   const int tile_row0 = m_tile * kBlockM;  // first row of the tile, counted within the sequence
-  if (tile_row0 >= q_end - q_begin) return;  // the grid is sized by the longest sequence
-  const int k_begin = clamp_int(p.cu_seqlens_k[seq], 0, p.total_k);
-  const int seqlen_k = clamp_int(p.cu_seqlens_k[seq + 1], k_begin, p.total_k) - k_begin;
-  const int rows = min(kBlockM, q_end - q_begin - tile_row0);
+  if (tile_row0 >= seqlen_q) return;       // the grid is sized by the longest sequence
+  const SeqRows k_seq = sequence_rows(p.cu_seqlens_k, seq, p.total_k);
+  const int k_begin = k_seq.begin, seqlen_k = k_seq.len;
+  const int rows = min(kBlockM, seqlen_q - tile_row0);
   const int q_row0 = q_begin + tile_row0;  // first packed row of the tile
   const int kv_head = head / (p.h_q / p.h_kv);
 
@@ -184,10 +184,10 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
   // Per-lane ldmatrix addresses of the key loop, formed for d chunk pair 0 of the tile; the chunk
   // pair `pair` is then one XOR away (Kt::chunk_pair_xor), and the next 16 keys one immediate
   // offset. Cheap to form inside the loop, so nothing is hoisted into registers across it.
-  //   K (plain ldmatrix, B of S = Q K^T): lane row = 16-key group row r8 + 8 * bit4, chunk bit3.
-  //   V (ldmatrix.trans, B of O += P V):  lane row = r8 + 8 * bit3, chunk bit4.
-  const uint32_t k_lane = (r8 + 8 * bit4) * Kt::kRowBytes + ((bit3 ^ r8) << 4);
-  const uint32_t v_lane = (r8 + 8 * bit3) * Kt::kRowBytes + ((bit4 ^ r8) << 4);
+  //   K (plain ldmatrix, B of S = Q K^T, a [n][k] tile): chunks first (mma_utils.cuh).
+  //   V (ldmatrix.trans, B of O += P V, a [k][n] tile):  rows first.
+  const uint32_t k_lane = ldmatrix_lane_chunks_first<Kt::kRowBytes>(lane);
+  const uint32_t v_lane = ldmatrix_lane_rows_first<Kt::kRowBytes>(lane);
   const uint32_t sK_addr = smem_u32(sK), sV_addr = smem_u32(sV);
 
   // ---- 4. The key loop.

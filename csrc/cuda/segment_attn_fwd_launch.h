@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../ism_params.h"
+#include "launch_utils.h"
 #include "segment_attn_fwd_kernel.cuh"
 
 namespace ism::cuda {
@@ -24,13 +25,8 @@ cudaError_t launch_segment_attn_fwd(const SegmentAttnFwdParams& params, cudaStre
 
   auto kernel = &segment_attn_fwd_kernel<Kt>;
   constexpr int kSmem = Kt::kSmemBytes;
-  if constexpr (kSmem > 48 * 1024) {
-    // Above 48 KiB of dynamic shared memory a kernel must opt in. The attribute belongs to the
-    // function on the current device; setting it on every launch is a cheap host call and stays
-    // right when the caller switches devices.
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, kSmem);
+  if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(blocks), Kt::kNThreads, kSmem, stream>>>(params);
   return cudaGetLastError();
 }

@@ -1,5 +1,5 @@
-// Global <-> shared memory movement of row tiles in the swizzled layout of FwdTileShape (or any
-// Shape with kNThreads, kChunks, kRowBytes and swizzle(), such as SwizzledRows):
+// Global <-> shared memory movement of row tiles in the swizzled layout of SwizzledRows
+// (swizzled_rows.h; any Shape with its kNThreads, kChunks, kRowBytes and swizzle()):
 // asynchronous 16-byte loads with zero-filled rows past the valid range, and 16-byte stores of a
 // finished output tile.
 #pragma once
@@ -42,36 +42,35 @@ __device__ __forceinline__ void load_tile_async(Element* smem_tile, const TileCo
   }
 }
 
-// Writes rows [0, valid_rows) of a finished [kRows, d] tile from shared memory to global memory,
-// one 16-byte vector per thread and pass (8 or 16 consecutive threads cover one row).
-template <typename Shape, int kRows, typename Element>
-__device__ __forceinline__ void store_tile(const Element* smem_tile, Element* gmem, int64_t row_stride,
-                                           int valid_rows, int tid) {
+// Writes rows [0, valid_rows) of a [kRows, d] tile to global memory, one 16-byte vector per thread
+// and pass (8 or 16 consecutive threads cover one row); `chunk_at(row, chunk)` gives the vector.
+template <typename Shape, int kRows, typename Element, typename ChunkAt>
+__device__ __forceinline__ void store_rows(Element* gmem, int64_t row_stride, int valid_rows, int tid,
+                                           ChunkAt chunk_at) {
   constexpr int kRowsPerPass = Shape::kNThreads / Shape::kChunks;
   const int chunk = tid % Shape::kChunks;
   const int row0 = tid / Shape::kChunks;
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int row = row0 + pass * kRowsPerPass;
-    if (row < valid_rows) {
-      const uint4 v = *reinterpret_cast<const uint4*>(smem_tile + Shape::swizzle(row, chunk));
-      *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) = v;
-    }
+    if (row < valid_rows) *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) = chunk_at(row, chunk);
   }
 }
 
-// Writes zeros to rows [0, valid_rows) of a [kRows, d] tile in global memory (the gradients of keys
-// that no query sees), one 16-byte vector per thread and pass.
+// Writes rows [0, valid_rows) of a finished tile staged in shared memory to global memory.
+template <typename Shape, int kRows, typename Element>
+__device__ __forceinline__ void store_tile(const Element* smem_tile, Element* gmem, int64_t row_stride,
+                                           int valid_rows, int tid) {
+  store_rows<Shape, kRows>(gmem, row_stride, valid_rows, tid, [smem_tile](int row, int chunk) {
+    return *reinterpret_cast<const uint4*>(smem_tile + Shape::swizzle(row, chunk));
+  });
+}
+
+// Writes zeros to rows [0, valid_rows) of a tile in global memory (the gradients of keys that no
+// query sees).
 template <typename Shape, int kRows, typename Element>
 __device__ __forceinline__ void store_zero_rows(Element* gmem, int64_t row_stride, int valid_rows, int tid) {
-  constexpr int kRowsPerPass = Shape::kNThreads / Shape::kChunks;
-  const int chunk = tid % Shape::kChunks;
-  const int row0 = tid / Shape::kChunks;
-#pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int row = row0 + pass * kRowsPerPass;
-    if (row < valid_rows) *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) = make_uint4(0, 0, 0, 0);
-  }
+  store_rows<Shape, kRows>(gmem, row_stride, valid_rows, tid, [](int, int) { return make_uint4(0, 0, 0, 0); });
 }
 
 }  // namespace ism::cuda
