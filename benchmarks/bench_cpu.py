@@ -22,7 +22,7 @@ from common import CpuPeakMemory, attention_flops, environment, layout_kv_limit,
 from tqdm import tqdm
 
 import ism_ext
-from ism_ext.layouts import dense_mask
+from ism_ext.masks import dense_mask
 
 
 def _inputs(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, grad: bool):

@@ -26,7 +26,8 @@ from common import environment, median_ms, write_records
 from tqdm import tqdm
 
 import ism_ext
-from ism_ext._kvcache_ops import attn_with_kvcache, kv_limit_causal_append, kv_limit_new_segment
+from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
+from ism_ext.ops import attn_with_kvcache
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int, sync) -> float:

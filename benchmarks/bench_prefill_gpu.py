@@ -47,7 +47,7 @@ from common import FLOP_FACTOR, attention_flops, environment, layout_kv_limit, v
 from tqdm import tqdm
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
-from ism_ext.layouts import dense_mask, kv_limit_for_turns
+from ism_ext.masks import dense_mask, kv_limit_for_turns
 
 IMPLS = ["ism", "sdpa_causal", "flex", "sdpa_dense"]
 BENCHES = list(FLOP_FACTOR)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 import transformers  # noqa: E402
 from tiny_tokenizer import make_tokenizer, sample_dialogues  # noqa: E402
 
-import ism_ext.hf  # noqa: E402,F401
-from ism_ext.data import ChatCollator, tokenize_triplet, triplet_expansion  # noqa: E402
+import ism_ext.integrations.hf  # noqa: E402,F401
+from ism_ext.training import ChatCollator, tokenize_triplet, triplet_expansion  # noqa: E402
 
 
 def make_model(vocab: int, device: str, dtype: torch.dtype):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ism_ext.layouts import kv_limit_for_turns
+from ism_ext.masks import kv_limit_for_turns
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "kvcache_constants.h"
 #include "params_builder.h"
 
 namespace ism {
@@ -76,8 +77,8 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
                       ": block_table must have shape [batch, max_pages], got ", block_table->sizes());
     check_int32("block_table", *block_table, q, block_table->sizes());
     page_size = k_cache.size(1);
-    TORCH_CHECK_VALUE(page_size % 16 == 0, kOp, ": the page size (k_cache.size(1)) must be a multiple of 16, got ",
-                      page_size);
+    TORCH_CHECK_VALUE(page_size % kPageSizeMultiple == 0, kOp, ": the page size (k_cache.size(1)) must be a ",
+                      "multiple of ", kPageSizeMultiple, ", got ", page_size);
   } else if (cache_batch_idx.has_value()) {
     check_int32("cache_batch_idx", *cache_batch_idx, q, {batch});
   } else {

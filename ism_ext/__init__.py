@@ -1,16 +1,31 @@
 """ism_ext: segment-masked attention (ISM, MAS) as `torch.ops.ism` ops with autograd.
 
-Importing the package loads the native extension, which registers the ops in `torch.ops.ism`.
+Importing the package loads the native extension, which registers the ops in `torch.ops.ism`. The package
+is layered, one folder a layer (docs/design.md):
+
+    ops/           segment_attention, attn_with_kvcache: wrappers, fake kernels, autograd
+    masks/         segment ids and chat-turn schemes -> kv_limit
+    turns/         the turn renderer: chat template -> token ids, segment ids, labels
+    integrations/  hf/: the "ism" attention inside transformers models
+    training/      one-pass multi-turn training data and the train loop
+    inference/     KV cache, chat session, models that load offline
+    cli/, viz/, perf/   the commands, pictures, the timer
 """
 
 import torch  # noqa: F401  (the extension links against torch: load it first)
 
 from . import _C  # noqa: F401  (registers torch.ops.ism.*)
-from ._kvcache_ops import attn_with_kvcache, kv_limit_causal_append, kv_limit_new_segment
-from ._ops import segment_attention
-from .kv_cache import KVCache
-from .layouts import SCHEMES, dense_mask, kv_limit_for_turns, segment_ids_for_turns
-from .segments import kv_limit_from_segment_ids
+from .inference.kv_cache import KVCache
+from .masks import (
+    SCHEMES,
+    dense_mask,
+    kv_limit_causal_append,
+    kv_limit_for_turns,
+    kv_limit_from_segment_ids,
+    kv_limit_new_segment,
+    segment_ids_for_turns,
+)
+from .ops import attn_with_kvcache, segment_attention
 
 __all__ = [
     "KVCache",

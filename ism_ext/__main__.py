@@ -1,42 +1,6 @@
-"""Command line: `python -m ism_ext <command>`."""
+"""`python -m ism_ext <command>`: see `ism_ext.cli`."""
 
-from __future__ import annotations
-
-import sys
-
-COMMANDS = {
-    "demo": "a 4-round chat with SmolLM2 and the KV cache kept across rounds; TTFT of ISM vs prefix LM vs causal",
-    "ops": "masks of a sample dialogue, their pictures, and the op checked against float64 and timed",
-    "bench": "the quick benchmarks that apply to this machine, as one table",
-    "train": "fine-tune a model on multi-turn chats in one ISM pass per dialogue",
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Dispatches to the sub-command named by the first argument."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m ism_ext <command> [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<8} {text}")
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    if argv[0] == "demo":
-        from .demo import main as demo_main
-
-        demo_main(argv[1:])
-    elif argv[0] == "train":
-        from .train import main as train_main
-
-        train_main(argv[1:])
-    elif argv[0] == "ops":
-        from .ops_demo import main as ops_main
-
-        ops_main(argv[1:])
-    elif argv[0] == "bench":
-        from .bench import main as bench_main
-
-        bench_main(argv[1:])
-
+from .cli import main
 
 if __name__ == "__main__":
     main()

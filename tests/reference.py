@@ -73,7 +73,7 @@ def random_limits(rng: random.Random, seqlen_q: int, seqlen_k: int, kind: str) -
     """kv_limit for the last `seqlen_q` positions of a sequence of `seqlen_k` keys.
 
     kinds: "random" (any value in [0, seqlen_k], so decreasing runs and empty rows), "empty" (all
-    0), "full" (all seqlen_k), "causal", and the chat schemes of ism_ext.layouts over random turns.
+    0), "full" (all seqlen_k), "causal", and the chat schemes of ism_ext.masks over random turns.
     """
     offset = seqlen_k - seqlen_q
     if kind == "random":
@@ -85,7 +85,7 @@ def random_limits(rng: random.Random, seqlen_q: int, seqlen_k: int, kind: str) -
     if kind == "causal":
         return [offset + i + 1 for i in range(seqlen_q)]
     # A chat layout over all seqlen_k positions; the queries are its last seqlen_q tokens.
-    from ism_ext.layouts import kv_limit_for_turns
+    from ism_ext.masks import kv_limit_for_turns
 
     turns, left, i = [], seqlen_k, 0
     roles = ["system", "user", "assistant", "user", "assistant"]

@@ -9,8 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-import ism_ext.hf  # noqa: E402,F401
-from ism_ext.chat import ChatSession  # noqa: E402
+import ism_ext.integrations.hf  # noqa: E402,F401
+from ism_ext.inference import ChatSession  # noqa: E402
 
 PROMPTS = ["What is two plus two?", "And the sun and the moon?", "Tell me about the river.", "Thanks!"]
 

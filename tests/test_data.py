@@ -1,4 +1,4 @@
-"""Tests of ism_ext.data: chat messages -> input_ids, labels, block_sequence_ids; packing; collation."""
+"""Tests of ism_ext.turns and ism_ext.training: messages -> input_ids, labels, block ids; packing; collation."""
 
 from __future__ import annotations
 
@@ -9,16 +9,9 @@ from hypothesis import strategies as st
 from tiny_tokenizer import CHATML_TEMPLATE, IM_END, build_tokenizer, make_tokenizer, sample_dialogues
 from tokenizers import processors
 
-from ism_ext.data import (
-    ChatCollator,
-    TokenizedDialogue,
-    pack_dialogues,
-    tokenize_dialogue,
-    tokenize_triplet,
-    triplet_expansion,
-)
-from ism_ext.layouts import SCHEMES, segment_ids_for_turns
-from ism_ext.segments import kv_limit_from_segment_ids
+from ism_ext.masks import SCHEMES, kv_limit_from_segment_ids, segment_ids_for_turns
+from ism_ext.training import ChatCollator, pack_dialogues, tokenize_triplet, triplet_expansion
+from ism_ext.turns import TokenizedDialogue, tokenize_dialogue
 
 THREE_ROUNDS = [
     {"role": "system", "content": "You are a small model."},

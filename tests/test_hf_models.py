@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ism_ext  # noqa: E402
-import ism_ext.hf as ism_hf  # noqa: E402
-from ism_ext.layouts import segment_ids_for_turns  # noqa: E402
+import ism_ext.integrations.hf as ism_hf  # noqa: E402
+from ism_ext.masks import segment_ids_for_turns  # noqa: E402
 
 VOCAB = 128
 
@@ -183,13 +183,15 @@ def test_apply_to_a_loaded_model():
 
 def test_layout_is_built_once_per_forward(monkeypatch):
     calls = []
-    real = ism_hf.packed_layout
+    from ism_ext.integrations.hf import attention
+
+    real = attention.packed_layout
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ism_hf, "packed_layout", counting)
+    monkeypatch.setattr(attention, "packed_layout", counting)
     cfg = tiny_config("llama")
     cfg.num_hidden_layers = 4
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism")
@@ -250,7 +252,7 @@ def test_training_loss_through_labels():
 
 def test_kv_limit_layout_matches_package_helper():
     # The per-row layout of a plain unpadded batch is kv_limit_from_segment_ids row by row.
-    from ism_ext.hf_layout import packed_layout
+    from ism_ext.integrations.hf import packed_layout
 
     ids = torch.tensor([[0, 0, -1, 1, 1, -1], [-1, 2, 2, 2, -1, -1]])
     layout = packed_layout(2, 6, 6, block_sequence_ids=ids)

@@ -16,8 +16,9 @@ import torch
 from reference import reference_attention
 
 import ism_ext
-from ism_ext._kvcache_ops import attn_with_kvcache, kv_limit_causal_append, kv_limit_new_segment
-from ism_ext.kv_cache import KVCache
+from ism_ext.inference import KVCache
+from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
+from ism_ext.ops import attn_with_kvcache
 
 # Forward atol relative to the reference's magnitude, as in test_segment_attention.py.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}

@@ -1,4 +1,4 @@
-"""Tests of ``ism_ext.layouts`` (dialogue schemes, dense mask) and ``ism_ext.plotting`` (PNG pictures)."""
+"""Tests of ``ism_ext.masks`` (dialogue schemes, dense mask) and ``ism_ext.viz`` (PNG pictures)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ism_ext.layouts import (
+from ism_ext.masks import (
     ROLES,
     SCHEMES,
     dense_mask,
     kv_limit_for_turns,
+    kv_limit_from_segment_ids,
     segment_ids_for_turns,
     turn_boundaries,
 )
-from ism_ext.segments import kv_limit_from_segment_ids
 
 # The usual alternation: system, user, assistant, user, assistant.
 DIALOGUE = [("system", 3), ("user", 2), ("assistant", 3), ("user", 2), ("assistant", 2)]
@@ -307,7 +307,7 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_save_mask_picture(tmp_path: Path, scheme: str) -> None:
     pytest.importorskip("matplotlib")
-    from ism_ext.plotting import save_mask_picture
+    from ism_ext.viz import save_mask_picture
 
     turns = [("system", 20), ("user", 30), ("assistant", 60), ("user", 15), ("assistant", 40)]
     out = save_mask_picture(turns, scheme, tmp_path / "sub" / f"{scheme}.png")
@@ -319,7 +319,7 @@ def test_save_mask_picture(tmp_path: Path, scheme: str) -> None:
 
 def test_save_mask_picture_title_and_large_dialogue(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from ism_ext.plotting import save_mask_picture
+    from ism_ext.viz import save_mask_picture
 
     turns = [("system", 100)] + [("user", 80), ("assistant", 240)] * 6
     out = save_mask_picture(turns, "ism", str(tmp_path / "big.png"), title="ISM, 2000 tokens")
@@ -329,7 +329,7 @@ def test_save_mask_picture_title_and_large_dialogue(tmp_path: Path) -> None:
 
 def test_mask_picture_pixels_show_the_mask(tmp_path: Path) -> None:
     mpl_image = pytest.importorskip("matplotlib.image")
-    from ism_ext.plotting import save_mask_picture
+    from ism_ext.viz import save_mask_picture
 
     # The upper-right corner is masked under causal and allowed under prefix_lm (one block): compare a
     # pixel there (image interior, away from lines and labels).
@@ -344,7 +344,7 @@ def test_mask_picture_pixels_show_the_mask(tmp_path: Path) -> None:
 
 def test_save_scheme_comparison(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from ism_ext.plotting import save_scheme_comparison
+    from ism_ext.viz import save_scheme_comparison
 
     out = save_scheme_comparison(ADJACENT * 10, tmp_path / "cmp.png")
     assert out.stat().st_size > 5_000
@@ -357,7 +357,7 @@ def test_save_scheme_comparison(tmp_path: Path) -> None:
 
 def test_picture_errors(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from ism_ext.plotting import save_mask_picture, save_scheme_comparison
+    from ism_ext.viz import save_mask_picture, save_scheme_comparison
 
     with pytest.raises(ValueError, match="unknown scheme"):
         save_mask_picture(DIALOGUE, "nope", tmp_path / "x.png")

@@ -10,10 +10,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-import ism_ext.hf as ism_hf  # noqa: E402
-from ism_ext.chat import ChatSession  # noqa: E402
-from ism_ext.data import tokenize_dialogue  # noqa: E402
-from ism_ext.models import load_smollm2, smollm2_path  # noqa: E402
+import ism_ext.integrations.hf as ism_hf  # noqa: E402
+from ism_ext.inference import ChatSession  # noqa: E402
+from ism_ext.inference.models import load_smollm2, smollm2_path  # noqa: E402
+from ism_ext.turns import tokenize_dialogue  # noqa: E402
 
 try:  # the wheel's own __init__ imports the `llm` CLI, which we do not install: only its file is needed
     smollm2_path()

@@ -1,4 +1,4 @@
-"""Tests of ``ism_ext.segments.kv_limit_from_segment_ids`` against a plain-Python reference."""
+"""Tests of ``ism_ext.masks.kv_limit_from_segment_ids`` against a plain-Python reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ism_ext.segments import kv_limit_from_segment_ids
+from ism_ext.masks import kv_limit_from_segment_ids
 
 SIGNED_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64]
 

@@ -20,17 +20,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ism_ext.datasets import make_toy_chat  # noqa: E402
-from ism_ext.train import (  # noqa: E402
-    DEFAULT_DATA,
-    LOSS_FILE,
-    STATE_FILE,
-    TrainConfig,
-    TrainError,
-    find_checkpoints,
-    main,
-    train,
-)
+from ism_ext.cli.train import main  # noqa: E402
+from ism_ext.training import DEFAULT_DATA, TrainConfig, TrainError, train  # noqa: E402
+from ism_ext.training.checkpoint import LOSS_FILE, STATE_FILE, find_checkpoints  # noqa: E402
+from ism_ext.training.datasets import make_toy_chat  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUIET = ["--no-progress", "--log-every", "1000"]
@@ -96,7 +89,7 @@ def test_cli_lowers_the_loss_and_writes_checkpoints(tmp_path, one_thread):
     # A checkpoint is a Hugging Face directory: it loads as a model with the ism attention and its tokenizer.
     import transformers
 
-    import ism_ext.hf  # noqa: F401
+    import ism_ext.integrations.hf  # noqa: F401
 
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="ism")
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)

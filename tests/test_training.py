@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_tokenizer import make_tokenizer, sample_dialogues  # noqa: E402
 
-import ism_ext.hf  # noqa: E402,F401  (registers attn_implementation="ism")
-from ism_ext.data import ChatCollator, tokenize_dialogue  # noqa: E402
+import ism_ext.integrations.hf  # noqa: E402,F401  (registers attn_implementation="ism")
+from ism_ext.training import ChatCollator  # noqa: E402
+from ism_ext.turns import tokenize_dialogue  # noqa: E402
 
 
 def tiny_llama(vocab: int, seed: int = 0, attn: str = "ism"):

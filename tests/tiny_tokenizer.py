@@ -1,8 +1,8 @@
 """A tiny, offline chat tokenizer for tests (not a test module).
 
-`make_tokenizer()` trains a byte-level BPE (vocabulary of about 500) on a few hundred generated sentences with
-the `tokenizers` library and wraps it in a `transformers.PreTrainedTokenizerFast` with a ChatML chat template
-(the Qwen / SmolLM2 style). Nothing is downloaded; building takes a few milliseconds and the result is cached.
+`make_tokenizer()` trains the package's toy byte-level BPE (`ism_ext.training.toy.build_toy_tokenizer`,
+vocabulary of about 500) on a few hundred generated sentences; it has a ChatML chat template (the Qwen /
+SmolLM2 style). Nothing is downloaded; building takes a few milliseconds and the result is cached.
 `sample_dialogues()` produces random multi-round chats from the same word list.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import random
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-# The special tokens and the ChatML template (Qwen2.5 / SmolLM2 style) are the package's own toy ones.
-from ism_ext.toy import CHATML_TEMPLATE, EOT, IM_END, IM_START  # noqa: E402
+from ism_ext.training.toy import CHATML_TEMPLATE, IM_END, build_toy_tokenizer
+
+__all__ = ["CHATML_TEMPLATE", "IM_END", "build_tokenizer", "make_tokenizer", "sample_dialogues"]
 
 WORDS = (
     "the a cat dog sat on mat and ran fast slow red blue green big small house tree river sun moon star "
@@ -38,28 +38,10 @@ def build_tokenizer(chat_template: str | None = CHATML_TEMPLATE, vocab_size: int
     """Trains and returns a fresh tiny byte-level BPE chat tokenizer (uncached: safe to modify).
 
     Special tokens: `<|endoftext|>` (id 0, pad), `<|im_start|>` (id 1), `<|im_end|>` (id 2, eos, as in
-    instruct models where the end-of-turn token stops generation).
+    instruct models where the end-of-turn token stops generation). Digits are not split (as in GPT-2 style BPE).
     """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    # trim_offsets=False: offsets must cover every character (the data pipeline maps characters to tokens).
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(400, seed=0), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=EOT,
-        additional_special_tokens=[IM_START, IM_END],
-    )
-    if chat_template is not None:
-        fast.chat_template = chat_template
+    fast = build_toy_tokenizer(_corpus(400, seed=0), vocab_size, split_digits=False)
+    fast.chat_template = chat_template
     return fast
 
 

@@ -1,0 +1,144 @@
+"""From a transformers forward call's inputs to the packed layout of `segment_attention`.
+
+A Hugging Face batch is a `[B, S]` grid with three ways of marking what belongs together:
+  * `attention_mask` `[B, kv_len]` (1 = token, 0 = padding, left or right),
+  * `position_ids` `[B, S]` restarting at 0 where a new dialogue starts (packed rows, no cache),
+  * `block_sequence_ids` `[B, S]` (-1 causal, a run of one id >= 0 = one bidirectional block).
+This module turns them into varlen sequences over the flattened grid (FlashAttention's
+`cu_seqlens`) and one int32 `kv_limit` per query: O(B * S) integers, no `S x S` mask. Padding runs
+become sequences of their own whose queries see nothing (`kv_limit = 0`).
+
+With a KV cache the keys are `kv_len >= q_len` positions per row and the queries are the last `q_len`
+of them; packing is then not detected (as in transformers, which only detects it without a cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...masks import kv_limit_from_segment_ids
+
+
+@dataclass
+class PackedLayout:
+    """Varlen layout of one forward call; shared by every attention layer of that call."""
+
+    cu_seqlens_q: torch.Tensor  # int32 [n_seq + 1] over the B * q_len flattened queries
+    cu_seqlens_k: torch.Tensor  # int32 [n_seq + 1] over the B * kv_len flattened keys
+    kv_limit: torch.Tensor  # int32 [B * q_len]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _bool_mask(attention_mask: torch.Tensor | None, batch: int, kv_len: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, kv_len):
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask [batch, kv_len] = [{batch}, {kv_len}] for the ism attention, "
+            f"got shape {tuple(attention_mask.shape)} (pass segments as block_sequence_ids, not as a dense mask)"
+        )
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _sequence_starts(real: torch.Tensor, position_ids: torch.Tensor | None, no_padding_mask: bool, batch: int,
+                     q_len: int, kv_len: int) -> torch.Tensor:
+    """bool ``[batch, kv_len]``: where a key sequence starts. That is the row start, every switch between
+    padding and tokens, and (packed rows: no padding mask, no cache) every restart of ``position_ids``."""
+    starts = torch.zeros(batch, kv_len, dtype=torch.bool, device=real.device)
+    if kv_len > 0:
+        starts[:, 0] = True
+        starts[:, 1:] = real[:, 1:] != real[:, :-1]
+    if position_ids is not None and no_padding_mask and q_len == kv_len and kv_len > 1:
+        pos = position_ids.to(real.device).expand(batch, -1)
+        if tuple(pos.shape) != (batch, q_len):
+            raise ValueError(
+                f"position_ids must have shape [batch, q_len] = [{batch}, {q_len}], got {tuple(pos.shape)}"
+            )
+        starts[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
+
+def _block_ids(block_sequence_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+               device: torch.device | str) -> torch.Tensor:
+    """The queries' block ids, flattened ``[batch * q_len]`` (all causal when none are given)."""
+    if block_sequence_ids is None:
+        return torch.full((batch * q_len,), -1, dtype=torch.long, device=device)
+    ids = block_sequence_ids.to(device)
+    if ids.dim() == 2 and ids.shape[0] == batch and ids.shape[1] == kv_len:
+        ids = ids[:, kv_len - q_len :]
+    if ids.dim() != 2 or tuple(ids.shape) != (batch, q_len):
+        raise ValueError(
+            f"block_sequence_ids must have shape [batch, q_len] = [{batch}, {q_len}], got {tuple(ids.shape)}"
+        )
+    return ids.reshape(-1)
+
+
+def packed_layout(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    block_sequence_ids: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> PackedLayout:
+    """Builds the varlen layout of a `[batch, q_len]` query grid over a `[batch, kv_len]` key grid.
+
+    Args:
+        batch, q_len, kv_len: grid sizes; the queries of a row are its last `q_len` key positions.
+        attention_mask: optional 2-D padding mask `[batch, kv_len]` (nonzero = real token).
+        position_ids: optional `[batch or 1, q_len]`; where a row's positions do not continue by +1 a new
+            (packed) sequence starts. Only used without padding mask and without cache (q_len == kv_len),
+            like transformers' own packed-sequence detection.
+        block_sequence_ids: optional `[batch, q_len]` ids (-1 causal, a run of one id >= 0 = one
+            bidirectional block); a `[batch, kv_len]` tensor is cut to its last `q_len` columns. Missing means
+            all causal.
+        device: where the layout tensors live.
+
+    Returns:
+        The `PackedLayout`. Raises ValueError for shapes that do not fit the grid, and (from
+        `kv_limit_from_segment_ids`) for a block id reused after a gap.
+    """
+    if q_len > kv_len:
+        raise ValueError(f"more queries ({q_len}) than keys ({kv_len}) per row")
+    real = _bool_mask(attention_mask, batch, kv_len, device)
+    starts = _sequence_starts(real, position_ids, attention_mask is None, batch, q_len, kv_len)
+
+    flat_starts = starts.reshape(-1)
+    seq_of_key = torch.cumsum(flat_starts, 0) - 1
+    seq_start = torch.nonzero(flat_starts).flatten()  # flat key index of every sequence's first key
+    n_seq = seq_start.numel()
+    cu_k = torch.cat([seq_start, torch.tensor([batch * kv_len], device=device)])
+
+    # Queries: the last q_len key positions of each row, in row order.
+    q_key_index = (
+        torch.arange(batch, device=device)[:, None] * kv_len + (kv_len - q_len) + torch.arange(q_len, device=device)
+    ).reshape(-1)
+    seq_of_query = seq_of_key[q_key_index]
+    counts = torch.bincount(seq_of_query, minlength=n_seq)
+    cu_q = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(counts, 0)])
+
+    ids = _block_ids(block_sequence_ids, batch, q_len, kv_len, device)
+    # kv_limit relative to the first query of each query sequence, then shifted to count from the first
+    # key of the sequence (with a cache the first query is not the first key).
+    local = kv_limit_from_segment_ids(ids, cu_q).long()
+    first_query = q_key_index[cu_q[:-1].clamp(max=max(batch * q_len - 1, 0))] if q_len > 0 else cu_q[:-1]
+    shift = first_query - seq_start
+    len_k = cu_k[1:] - cu_k[:-1]
+    # A block that runs on into right padding would reach past the sequence's last real key: cut it there.
+    limit = torch.minimum(local + shift[seq_of_query], len_k[seq_of_query])
+    # Padding queries see nothing: output 0, and no gradient flows from them.
+    limit = torch.where(real.reshape(-1)[q_key_index], limit, torch.zeros_like(limit))
+
+    len_q = cu_q[1:] - cu_q[:-1]
+    return PackedLayout(
+        cu_seqlens_q=cu_q.to(torch.int32),
+        cu_seqlens_k=cu_k.to(torch.int32),
+        kv_limit=limit.to(torch.int32),
+        max_seqlen_q=int(len_q.max()) if n_seq else 0,
+        max_seqlen_k=int(len_k.max()) if n_seq else 0,
+    )

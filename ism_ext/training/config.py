@@ -1,0 +1,117 @@
+"""Settings of a training run: `TrainConfig`, its checks and defaults, and the error the command reports."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..masks import SCHEMES
+
+__all__ = ["DEFAULT_DATA", "DIST_MODES", "DTYPES", "RESUME_FIELDS", "TINY", "TrainConfig", "TrainError",
+           "check_config", "default_lr", "import_peft"]
+
+DEFAULT_DATA = pathlib.Path(__file__).with_name("datasets") / "toy_chat.jsonl"
+TINY = "tiny"
+DIST_MODES = ("none", "ddp", "fsdp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Settings that decide the model, the data order or the optimizer's trajectory: a resumed run must use the same
+# ones, otherwise it silently trains something else than the run it claims to continue. The data file is compared
+# by content (sha256), not by path. Everything else (--steps/--epochs, logging, saving, --dist between ddp and
+# fsdp) may change on resume.
+RESUME_FIELDS = (
+    "model", "gguf", "gguf_file", "scheme", "pack", "max_length", "batch_size", "lr", "weight_decay",
+    "warmup_steps", "max_grad_norm", "lora", "lora_r", "lora_alpha", "lora_dropout", "seed", "dtype",
+)
+
+
+class TrainError(ValueError):
+    """A problem with the configuration or the data; the command line reports it without a traceback."""
+
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the command-line options; see ``python -m ism_ext train --help``).
+
+    ``lr=None`` picks a default by model: 3e-3 for the randomly initialised ``tiny`` model, 2e-4 for LoRA and
+    2e-5 for full fine-tuning of a pretrained model. ``steps`` and ``epochs`` are exclusive; with neither, one
+    epoch. ``dist=None`` means ``"ddp"`` when launched by torchrun with ``WORLD_SIZE > 1``, else ``"none"``.
+    """
+
+    model: str = TINY
+    gguf: str | None = None
+    gguf_file: str | None = None
+    data: str | None = None
+    scheme: str = "ism"
+    pack: bool = False
+    max_length: int = 512
+    batch_size: int = 8
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    steps: int | None = None
+    epochs: int | None = None
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    out: str | None = None
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int | None = None
+    dist: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
+    debug_sync: bool = False
+
+
+def default_lr(config: TrainConfig) -> float:
+    """The learning rate when --lr is not given: by model kind (see `TrainConfig`)."""
+    if config.model == TINY and config.gguf is None:
+        return 3e-3  # random init: a large step size is what makes the toy model learn in a few dozen steps
+    return 2e-4 if config.lora else 2e-5
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raises TrainError naming the first setting that cannot work (before anything is loaded)."""
+    if config.scheme not in SCHEMES:
+        raise TrainError(f"unknown scheme {config.scheme!r}; expected one of {SCHEMES}")
+    if config.dtype not in DTYPES:
+        raise TrainError(f"unknown dtype {config.dtype!r}; expected one of {tuple(DTYPES)}")
+    if config.steps is not None and config.epochs is not None:
+        raise TrainError("give --steps or --epochs, not both")
+    for name in ("batch_size", "max_length", "log_every", "lora_r"):
+        if getattr(config, name) < 1:
+            raise TrainError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("steps", "epochs", "save_every"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise TrainError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.lr is not None and not config.lr > 0:
+        raise TrainError(f"lr must be > 0, got {config.lr}")
+    if config.warmup_steps < 0:
+        raise TrainError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if config.gguf_file is not None and config.gguf is None:
+        raise TrainError("--gguf-file needs --gguf PATH (the directory or repository holding the file)")
+    if config.gguf is not None and config.model != TINY:
+        raise TrainError("give --model PATH or --gguf PATH --gguf-file NAME, not both")
+    if config.resume and config.out is None:
+        raise TrainError("--resume needs --out DIR (where the checkpoints are)")
+    if config.debug_sync and config.out is None:
+        raise TrainError("--debug-sync needs --out DIR (where params_rank*.txt are written)")
+    if config.lora:
+        import_peft()  # before a large model is loaded for nothing
+
+
+def import_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise TrainError("--lora needs the `peft` package, which is not installed (pip install peft)") from None
+    return peft
