@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ism_ext.inference import ChatSession
 from ism_ext.inference.models import load_smollm2
+from ism_ext.viz import save_ttft_plot
 
 WORDS = ("the a river city question answer model attention segment history round token user tell me about "
          "why how what where large small old new long short first second third data cache time").split()
@@ -76,22 +77,9 @@ def main() -> None:
                                 torch_threads=torch.get_num_threads(), **env))
     path = write_records(args.name, records)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for scheme in ("ism", "prefix_lm", "causal"):
-        rows = [r for r in records if r["impl"] == scheme]
-        ax.plot([r["round"] for r in rows], [r["ttft_ms"] for r in rows], marker="o", label=scheme)
-    ax.set(xlabel="round", ylabel="time to first token (ms)", yscale="log",
-           title=f"SmolLM2-135M, user turns {args.min_turn}-{args.max_turn} tokens\n{env['device']}")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    ttft = {scheme: [r["ttft_ms"] for r in records if r["impl"] == scheme] for scheme in ("ism", "prefix_lm", "causal")}
+    save_ttft_plot(ttft, path.with_suffix(".png"), log_y=True,
+                   title=f"SmolLM2-135M, user turns {args.min_turn}-{args.max_turn} tokens\n{env['device']}")
 
     print(f"\n{'round':>5} {'ISM ms':>9} {'prefix-LM ms':>13} {'causal ms':>10} {'cache':>6}")
     for k in range(args.rounds):

@@ -4,7 +4,7 @@
     python benchmarks/bench_cpu.py --quick         # a small sweep, to try it out
 
 Every record: bench (cpu_fwd | cpu_fwd_bwd), impl (ism | sdpa_dense | flex), dtype, head_dim, tokens,
-ms_median, tflops (visible pairs only, DESIGN.md), peak_mem_mb (resident memory the call adds on top of
+ms_median, tflops (visible pairs only, docs/performance.md), peak_mem_mb (resident memory the call adds on top of
 its inputs), device, torch, commit, plus heads, scheme, threads and mask_build_ms (time to build the
 dense or block mask from kv_limit, not included in ms_median).
 """

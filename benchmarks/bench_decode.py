@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py                      # CPU sweep (small), results/decode_cpu.{json,png}
     python benchmarks/bench_decode.py --device cuda --batch 1 8 16 64 --cache 1024 4096 8192 16384 32768 \\
-        --name decode_gpu                                  # the GPU sweep of DESIGN.md
+        --name decode_gpu                                  # the GPU sweep
 
 decode: one new token per sequence appended and attended over a cache of `cache` tokens (bf16, head dim
 128, 32 q heads / 8 kv heads by default). gbps = K/V bytes read / time; copy_gbps = the device's measured
@@ -30,15 +30,15 @@ from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
 from ism_ext.ops import attn_with_kvcache
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int, sync) -> float:
+def copy_bandwidth_gbps(device: str, nbytes: int) -> float:
     """(bytes read + bytes written) / time of a large device-to-device copy."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), 5, warmup=2, sync=sync)
+    ms = median_ms(lambda: dst.copy_(src), 5, warmup=2, device=device)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def decode_records(batch: int, cache: int, args, sync, copy_gbps: float, env) -> list[dict[str, Any]]:
+def decode_records(batch: int, cache: int, args, copy_gbps: float, env) -> list[dict[str, Any]]:
     dt, dev = getattr(torch, args.dtype), args.device
     hq, hkv, d = args.heads_q, args.heads_kv, args.head_dim
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -57,14 +57,14 @@ def decode_records(batch: int, cache: int, args, sync, copy_gbps: float, env) ->
     }
     out = []
     for impl, fn in fns.items():
-        ms = median_ms(fn, args.repeats, warmup=2, sync=sync)
+        ms = median_ms(fn, args.repeats, warmup=2, device=dev)
         out.append(dict(bench="decode", impl=impl, batch=batch, cache=cache, dtype=args.dtype, head_dim=d,
                         heads_q=hq, heads_kv=hkv, ms_median=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9,
                         copy_gbps=copy_gbps, **env))
     return out
 
 
-def new_turn_records(history: int, args, sync, env) -> list[dict[str, Any]]:
+def new_turn_records(history: int, args, env) -> list[dict[str, Any]]:
     dt, dev = getattr(torch, args.dtype), args.device
     hq, hkv, d, turn = args.heads_q, args.heads_kv, args.head_dim, args.turn
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -82,7 +82,7 @@ def new_turn_records(history: int, args, sync, env) -> list[dict[str, Any]]:
         "recompute": lambda: ism_ext.segment_attention(q_all, k_all, v_all, prefix),
     }
     return [dict(bench="new_turn", impl=impl, history=history, turn=turn, dtype=args.dtype, head_dim=d,
-                 heads_q=hq, heads_kv=hkv, ms_median=median_ms(fn, args.repeats, warmup=1, sync=sync), **env)
+                 heads_q=hq, heads_kv=hkv, ms_median=median_ms(fn, args.repeats, warmup=1, device=args.device), **env)
             for impl, fn in fns.items()]
 
 
@@ -132,14 +132,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--name", default="decode_cpu")
     args = parser.parse_args()
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    on_gpu = args.device.startswith("cuda")
     env = environment()
-    copy_gbps = copy_bandwidth_gbps(args.device, (1 << 30) if sync else (256 << 20), sync)
+    copy_gbps = copy_bandwidth_gbps(args.device, (1 << 30) if on_gpu else (256 << 20))
     records: list[dict[str, Any]] = []
     for batch, cache in tqdm(list(itertools.product(args.batch, args.cache)), desc="decode", unit="shape"):
-        records += decode_records(batch, cache, args, sync, copy_gbps, env)
+        records += decode_records(batch, cache, args, copy_gbps, env)
     for history in tqdm(args.history, desc="new turn", unit="shape"):
-        records += new_turn_records(history, args, sync, env)
+        records += new_turn_records(history, args, env)
     path = write_records(args.name, records)
     plot(records, path.with_suffix(".png"))
     print(f"\ncopy bandwidth {copy_gbps:.1f} GB/s")

@@ -7,7 +7,7 @@ with a dense mask, forward, backward and forward + backward.
 
 Layouts (one per sequence, every sequence of the batch the same):
   ism   an 8-round dialogue: system prompt, then (user, assistant) rounds; user/system turns
-        bidirectional, answers causal (benchmarks/common.py ism_turns)
+        bidirectional, answers causal (ism_ext.masks.rounds_dialogue)
   mas   a MAS prefill: a system block (1/4), a user block (1/2), both bidirectional, then the
         answer (1/4), causal
 Impls:
@@ -25,7 +25,7 @@ Benches: fwd (the forward alone), bwd (the backward alone: autograd.grad of a re
 (both, as one training step of the layer). Every record: bench=prefill_fwd | prefill_bwd |
 prefill_fwd_bwd, impl, scheme, dtype, head_dim, tokens, batch, heads, ms_median (CUDA events, median
 after warm-up), pairs (visible (query, key) pairs of the mask the impl computes, all sequences and one
-head), tflops (forward 4 * head_dim * heads * pairs, backward 2.5x that, DESIGN.md, over the time),
+head), tflops (forward 4 * head_dim * heads * pairs, backward 2.5x that, docs/performance.md, over the time),
 mask_build_ms, and the environment (gpu, torch, cuda, commit). ism records also carry
 max_abs_diff_vs_flex and max_rel_diff_vs_flex (the output's, or for bwd the largest of dq, dk and
 dv; relative to the largest magnitude of flex's).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import FLOP_FACTOR, attention_flops, environment, layout_kv_limit, visible_pairs, write_records
+from common import FLOP_FACTOR, attention_flops, environment, layout_kv_limit, median_ms, visible_pairs, write_records
 from tqdm import tqdm
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
@@ -61,22 +60,6 @@ def scheme_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
         system, user = tokens // 4, tokens // 2
         return kv_limit_for_turns([("system", system), ("user", user), ("assistant", tokens - system - user)], "mas")
     raise ValueError(f"unknown scheme {scheme!r}")
-
-
-def cuda_median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median time of `fn` on the current stream in milliseconds (CUDA events), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def timed_build(build: Callable[[], Any]) -> tuple[Any, float]:
@@ -155,20 +138,21 @@ def timed_call(fn, q, k, v, bench: str, repeats: int, warmup: int) -> tuple[floa
     results: (out,) for fwd, (dq, dk, dv) otherwise."""
     if bench == "fwd":
         with torch.no_grad():
-            return cuda_median_ms(lambda: fn(q, k, v), repeats, warmup), (fn(q, k, v),)
+            return median_ms(lambda: fn(q, k, v), repeats, warmup=warmup, device="cuda"), (fn(q, k, v),)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     # The same output gradient for every impl (a fixed seed), so that their gradients compare.
     grad = torch.randn(q.shape, generator=torch.Generator(device=q.device).manual_seed(2), device=q.device,
                        dtype=q.dtype)
     if bench == "bwd":
         out = fn(*leaves)
-        ms = cuda_median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), repeats, warmup)
+        ms = median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), repeats, warmup=warmup,
+                       device="cuda")
         return ms, torch.autograd.grad(out, leaves, grad)
 
     def step():
         return torch.autograd.grad(fn(*leaves), leaves, grad)
 
-    return cuda_median_ms(step, repeats, warmup), step()
+    return median_ms(step, repeats, warmup=warmup, device="cuda"), step()
 
 
 def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls: list[str], benches: list[str],

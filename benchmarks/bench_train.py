@@ -29,6 +29,7 @@ from tiny_tokenizer import make_tokenizer, sample_dialogues  # noqa: E402
 
 import ism_ext.integrations.hf  # noqa: E402,F401
 from ism_ext.training import ChatCollator, tokenize_triplet, triplet_expansion  # noqa: E402
+from ism_ext.turns import IGNORE_INDEX  # noqa: E402
 
 
 def make_model(vocab: int, device: str, dtype: torch.dtype):
@@ -46,7 +47,7 @@ def triplet_batch(tok, dialogues) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": torch.full((n, length), tok.pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros(n, length, dtype=torch.long),
-        "labels": torch.full((n, length), -100, dtype=torch.long),
+        "labels": torch.full((n, length), IGNORE_INDEX, dtype=torch.long),
         "block_sequence_ids": torch.full((n, length), -1, dtype=torch.long),
     }
     for i, s in enumerate(samples):
@@ -73,10 +74,9 @@ def run(rounds: int, n_dialogues: int, repeats: int, device: str, dtype: torch.d
             loss.backward()
             opt.step()
 
-        sync = torch.cuda.synchronize if device.startswith("cuda") else None
-        ms = median_ms(step, repeats, warmup=2, sync=sync)
+        ms = median_ms(step, repeats, warmup=2, device=device)
         tokens = int(batch["attention_mask"].sum())
-        answers = int((batch["labels"] != -100).sum())
+        answers = int((batch["labels"] != IGNORE_INDEX).sum())
         records.append(dict(bench="train_ism_vs_triplet", impl=impl, rounds=rounds, dialogues=n_dialogues,
                             samples=int(batch["input_ids"].shape[0]), step_ms=ms, tokens=tokens,
                             tokens_per_s=tokens / (ms * 1e-3), answer_tokens=answers,

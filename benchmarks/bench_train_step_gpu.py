@@ -5,7 +5,7 @@
 
 The same model (RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, bfloat16 weights) and the same
 batch of dialogues (each sequence an 8-round dialogue of `tokens` tokens: a system prompt, then
-user/assistant rounds, benchmarks/common.py ism_turns) train one step (forward, loss, backward, AdamW)
+user/assistant rounds, ism_ext.masks.rounds_dialogue) train one step (forward, loss, backward, AdamW)
 with the attention swapped:
   ism          ism_ext.segment_attention with the ISM kv_limit (packed batch, max_seqlen given)
   sdpa_causal  SDPA with is_causal=True and enable_gqa (torch's backend choice): the causal mask, not
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_prefill_gpu import compiled_flex, cuda_median_ms
-from common import environment, layout_kv_limit, write_records
+from bench_prefill_gpu import compiled_flex
+from common import environment, layout_kv_limit, median_ms, write_records
 from torch import nn
 from tqdm import tqdm
 
@@ -151,7 +151,7 @@ def run(impl: str, args, env: dict[str, Any]) -> dict[str, Any]:
             return loss
 
         torch.cuda.reset_peak_memory_stats()
-        ms = cuda_median_ms(step, args.repeats, args.warmup)
+        ms = median_ms(step, args.repeats, warmup=args.warmup, device="cuda")
         rec.update(step_ms=ms, tokens_per_s=args.batch * args.tokens / (ms * 1e-3), mask_build_ms=build_ms,
                    peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, repeats=args.repeats)
     except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as exc:

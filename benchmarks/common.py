@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: layouts, FLOP counting, timing, memory, and result records.
 
-FLOPs follow DESIGN.md (FlashAttention's convention): only visible (query, key) pairs count,
-forward = 4 * head_dim * q_heads * pairs, backward = 2.5 x forward.
+FLOPs follow FlashAttention's convention (docs/performance.md): only visible (query, key) pairs count,
+forward = 4 * head_dim * q_heads * pairs, backward = 2.5 x forward. Layouts come from
+`ism_ext.masks.rounds_dialogue` and timings from `ism_ext.perf.median_ms`, as in `python -m ism_ext bench`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,21 @@ import gc
 import json
 import pathlib
 import platform
-import statistics
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ism_ext.masks import kv_limit_for_turns
+from ism_ext.masks import kv_limit_for_turns, rounds_dialogue
+from ism_ext.perf import median_ms  # noqa: F401  (the benchmarks' timer: the package's one timer)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def ism_turns(tokens: int, rounds: int = 8) -> list[tuple[str, int]]:
-    """An n-round dialogue: a system prompt, then (user, assistant) rounds of equal length."""
-    unit = tokens // (2 * rounds + 1)
-    turns = [("system", unit)] + [("user", unit), ("assistant", unit)] * rounds
-    turns[-1] = ("assistant", tokens - unit * 2 * rounds)
-    return turns
-
-
 def layout_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
     """kv_limit of an 8-round dialogue of `tokens` tokens under `scheme`."""
-    return kv_limit_for_turns(ism_turns(tokens), scheme)
+    return kv_limit_for_turns(rounds_dialogue(tokens), scheme)
 
 
 def visible_pairs(kv_limit: torch.Tensor) -> int:
@@ -42,29 +34,13 @@ def visible_pairs(kv_limit: torch.Tensor) -> int:
     return int(kv_limit.long().sum())
 
 
-# FLOPs of each timed pass in units of the forward's (DESIGN.md): the backward counts 2.5 forwards.
+# FLOPs of each timed pass in units of the forward's (docs/performance.md): the backward counts 2.5 forwards.
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
 def attention_flops(kv_limit: torch.Tensor, heads_q: int, head_dim: int, bench: str) -> float:
     """FLOPs of attention over the visible pairs for the pass `bench`: fwd, bwd or fwd_bwd."""
     return 4.0 * head_dim * heads_q * visible_pairs(kv_limit) * FLOP_FACTOR[bench]
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
-    """Median wall time of `fn` in milliseconds after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 class CpuPeakMemory:

@@ -44,6 +44,19 @@ def reference_attention(
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    """Every element of ``actual`` is finite and within ``atol * max(1, max |expected|)`` of ``expected``.
+
+    The tolerance scales with the reference's magnitude, so one atol per dtype serves outputs, lse and
+    gradients alike.
+    """
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
+
+
 @dataclass
 class Case:
     """A packed test case: inputs of `segment_attention` plus its shape description."""

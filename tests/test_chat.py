@@ -22,15 +22,16 @@ def tiny_llama(vocab: int, seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism").eval()
 
 
-def run(scheme: str, use_cache: bool, seed: int = 0, **send):
+def run(scheme: str, use_cache: bool, model_seed: int = 0, **send):
+    """A 4-round session; `send` goes to every `ChatSession.send` call (temperature, top_p, seed)."""
     tok = make_tokenizer()
-    session = ChatSession(tiny_llama(len(tok), seed), tok, scheme, system="Be brief.", max_new_tokens=6,
+    session = ChatSession(tiny_llama(len(tok), model_seed), tok, scheme, system="Be brief.", max_new_tokens=6,
                           use_cache=use_cache, record_logits=True)
     answers = [session.send(p, **send) for p in PROMPTS]
     return session, answers
 
 
-@pytest.mark.parametrize("scheme", ["ism", "causal", "prefix_lm"])
+@pytest.mark.parametrize("scheme", ["ism", "mas", "causal", "prefix_lm"])
 def test_cached_session_equals_recomputing_at_every_step(scheme):
     cached, answers = run(scheme, use_cache=True)
     fresh, reference_answers = run(scheme, use_cache=False)
@@ -44,7 +45,7 @@ def test_cached_session_equals_recomputing_at_every_step(scheme):
 def test_every_step_equals_one_full_forward_over_the_dialogue(scheme):
     # Under ISM (and causal) no token sees a later segment, so one forward over the final dialogue with its
     # layout reproduces the logits of every step of the session.
-    session, _ = run(scheme, use_cache=True, seed=1)
+    session, _ = run(scheme, use_cache=True, model_seed=1)
     ids = torch.tensor([session.dialogue.ids])
     blocks = torch.tensor([session.dialogue.block_ids])
     assert session.cache_tokens == ids.shape[1]  # the last answer's final token is in the cache too
@@ -69,9 +70,13 @@ def test_no_history_token_is_recomputed_with_ism_but_all_are_with_prefix_lm():
 
 def test_sampling_is_reproducible_and_streaming_adds_up():
     pieces: list[str] = []
-    a, answers_a = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
-    b, answers_b = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
-    assert answers_a == answers_b
+    _, answers_a = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
+    _, answers_b = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=3)
+    _, answers_c = run("ism", use_cache=True, temperature=0.8, top_p=0.9, seed=4)
+    _, greedy = run("ism", use_cache=True)
+    assert answers_a == answers_b  # the same send(seed=) draws the same tokens
+    assert answers_c != answers_a  # ... and another seed other tokens: the seed reaches the sampler
+    assert answers_a != greedy
     tok = make_tokenizer()
     session = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6)
     answer = session.send(PROMPTS[0], stream=pieces.append)
@@ -88,3 +93,23 @@ def test_bad_arguments():
     eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='ism'"):
         ChatSession(eager, tok)
+
+
+@pytest.mark.parametrize("scheme", ["ism", "mas", "causal"])
+def test_session_segments_the_dialogue_like_the_training_data(scheme, monkeypatch):
+    # One turn renderer: with scripted answers, the tokens and segment ids the session prefilled and decoded
+    # are those that tokenize_dialogue gives the same messages for training.
+    from ism_ext.turns import tokenize_dialogue
+
+    tok = make_tokenizer()
+    answers = ["Four.", "The sun is big.", "It is long."]
+    script = [t for a in answers for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    monkeypatch.setattr(ChatSession, "_choose", staticmethod(lambda *args: script.pop(0)))
+    session = ChatSession(tiny_llama(len(tok)), tok, scheme, system="Be brief.", max_new_tokens=32)
+    assert [session.send(p) for p in PROMPTS[:3]] == answers
+    train = tokenize_dialogue(tok, session.messages, scheme)
+    n = len(session.dialogue.ids)
+    # The training rendering also holds the newline after the last end-of-turn token.
+    assert train.input_ids[:n].tolist() == session.dialogue.ids and len(train) == n + 1
+    assert train.block_sequence_ids[:n].tolist() == session.dialogue.block_ids
+    assert session.dialogue.turns[:-1] == train.turns[:-1]

@@ -11,7 +11,7 @@ from tokenizers import processors
 
 from ism_ext.masks import SCHEMES, kv_limit_from_segment_ids, segment_ids_for_turns
 from ism_ext.training import ChatCollator, pack_dialogues, tokenize_triplet, triplet_expansion
-from ism_ext.turns import TokenizedDialogue, tokenize_dialogue
+from ism_ext.turns import IGNORE_INDEX, TokenizedDialogue, tokenize_dialogue
 
 THREE_ROUNDS = [
     {"role": "system", "content": "You are a small model."},
@@ -32,7 +32,7 @@ def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def labelled_texts(tok, d: TokenizedDialogue) -> list[str]:
-    return [tok.decode(d.labels[s:e].tolist()) for s, e in runs(d.labels != -100)]
+    return [tok.decode(d.labels[s:e].tolist()) for s, e in runs(d.labels != IGNORE_INDEX)]
 
 
 def turn_texts(tok, d: TokenizedDialogue) -> list[str]:
@@ -51,7 +51,7 @@ def test_labels_are_exactly_answers_and_end_of_turn():
     d = tokenize_dialogue(tok, THREE_ROUNDS)
     answers = [m["content"] + IM_END for m in THREE_ROUNDS if m["role"] == "assistant"]
     assert labelled_texts(tok, d) == answers
-    lab = d.labels != -100
+    lab = d.labels != IGNORE_INDEX
     assert torch.equal(d.labels[lab], d.input_ids[lab])
     # Nothing else: the labelled token count is that of the answers tokenised on their own.
     n_answer_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
@@ -93,7 +93,7 @@ def test_segment_ids_follow_layouts(scheme):
         assert torch.equal(d.labels, ref.labels)
         # Under ism/mas the causal tokens are exactly the answers (the last one's trailing newline too).
         causal = d.block_sequence_ids == -1
-        lab = d.labels != -100
+        lab = d.labels != IGNORE_INDEX
         if scheme != "causal":
             assert torch.equal(causal[:-1], lab[:-1]) and bool(causal[-1]) and not bool(lab[-1])
 
@@ -102,7 +102,7 @@ def test_user_segment_includes_assistant_header():
     tok = make_tokenizer()
     d = tokenize_dialogue(tok, THREE_ROUNDS, scheme="ism")
     header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    first_answer = runs(d.labels != -100)[0][0]
+    first_answer = runs(d.labels != IGNORE_INDEX)[0][0]
     # The header's tokens sit right before the first answer token, inside the user's segment.
     assert d.input_ids[first_answer - len(header) : first_answer].tolist() == header
     user_start = d.turns[0][1]
@@ -120,7 +120,7 @@ def test_no_label_is_visible_to_its_predictor(scheme):
     for messages in sample_dialogues(6, 3, seed=3):
         d = tokenize_dialogue(tok, messages, scheme=scheme)
         lim = kv_limit_from_segment_ids(d.block_sequence_ids).to(torch.int64)
-        j = torch.nonzero(d.labels != -100).flatten()
+        j = torch.nonzero(d.labels != IGNORE_INDEX).flatten()
         assert j.numel() > 0 and int(j.min()) > 0
         assert bool((lim[j - 1] <= j).all())
 

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import ism_ext  # noqa: E402
 import ism_ext.integrations.hf as ism_hf  # noqa: E402
 from ism_ext.masks import segment_ids_for_turns  # noqa: E402
+from ism_ext.turns import IGNORE_INDEX  # noqa: E402
 
 VOCAB = 128
 
@@ -244,7 +245,7 @@ def test_training_loss_through_labels():
     ours, stock = model_pair("qwen2")
     ids = segment_ids_for_turns(random_turns(random.Random(9), 50), "ism")[None].long()
     tokens = torch.randint(0, VOCAB, ids.shape)
-    labels = torch.where(ids < 0, tokens, torch.full_like(tokens, -100))
+    labels = torch.where(ids < 0, tokens, torch.full_like(tokens, IGNORE_INDEX))
     loss = ours(tokens, block_sequence_ids=ids, labels=labels).loss
     ref = stock(tokens, attention_mask=additive_mask(ids), labels=labels).loss
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-5

@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from reference import reference_attention
+from reference import assert_close_scaled, reference_attention
 
 import ism_ext
 from ism_ext.inference import KVCache
@@ -23,15 +23,6 @@ from ism_ext.ops import attn_with_kvcache
 # Forward atol relative to the reference's magnitude, as in test_segment_attention.py.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 I32 = torch.int32
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    actual = actual.double()
-    expected = expected.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
 
 
 def _reference(q, keys, values, kv_limit, scale):
@@ -48,10 +39,10 @@ def _check_against_reference(out, lse, ref_out, ref_lse, dtype):
     tol = TOL[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert lse.shape == ref_lse.shape
-    _close(out, ref_out, tol, "out")
+    assert_close_scaled(out, ref_out, tol, "out")
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly on the empty rows"
-    _close(lse[~empty], ref_lse[~empty], tol, "lse")
+    assert_close_scaled(lse[~empty], ref_lse[~empty], tol, "lse")
     assert torch.all(out[empty.permute(0, 2, 1)] == 0), "rows that see nothing must output 0"
 
 
@@ -377,8 +368,8 @@ def _feed(cache: KVCache, hist: History | None, step: Step) -> list[torch.Tensor
             hist.k[layer][s] = torch.cat([hist.k[layer][s], k[i]])
             hist.v[layer][s] = torch.cat([hist.v[layer][s], v[i]])
         ref_out, ref_lse = hist.recompute(layer, step.seqs, q)
-        _close(out, ref_out, TOL[torch.float32], f"layer {layer} out")
-        _close(lse, ref_lse, TOL[torch.float32], f"layer {layer} lse")
+        assert_close_scaled(out, ref_out, TOL[torch.float32], f"layer {layer} out")
+        assert_close_scaled(lse, ref_lse, TOL[torch.float32], f"layer {layer} lse")
         assert cache.lengths(layer) == [len(ids) for ids in hist.ids]
     return outs
 
@@ -692,7 +683,7 @@ def test_kvcache_bf16_and_attend_only():
     q2 = torch.randn(2, 3, HQ, D, generator=gen).bfloat16()
     out = cache.append_and_attend(0, q2, None, None)
     ref_out, _ = _reference(q2, list(k), list(v), torch.full((2, 3), 12, dtype=I32), D**-0.5)
-    _close(out, ref_out, TOL[torch.bfloat16], "attend only")
+    assert_close_scaled(out, ref_out, TOL[torch.bfloat16], "attend only")
     assert cache.lengths(0) == [12, 12] and cache.boundaries(0) == [0, 12]
 
 

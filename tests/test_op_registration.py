@@ -76,3 +76,31 @@ def test_torch_compile_inductor_batched_and_packed():
     eager = ism_ext.segment_attention(q, k, v, lim)
     torch.testing.assert_close(batched, eager * 2)
     torch.testing.assert_close(packed, eager.flatten(0, 1) + 1)
+
+
+def _kvcache_args(paged: bool, append: bool, batch_idx: bool):
+    gen = torch.Generator().manual_seed(1)
+    b, lq, hq, hkv, d = 2, 3, 4, 2, 16
+    rows, cap = (8, 16) if paged else (3, 40)  # paged: 8 pages of 16 tokens
+    k_cache = torch.randn(rows, cap, hkv, d, generator=gen)
+    v_cache = torch.randn(rows, cap, hkv, d, generator=gen)
+    q = torch.randn(b, lq, hq, d, generator=gen)
+    k_new, v_new = (torch.randn(b, lq, hkv, d, generator=gen) for _ in range(2)) if append else (None, None)
+    seqlens = torch.tensor([5, 20], dtype=torch.int32)
+    limit = ism_ext.kv_limit_causal_append(seqlens, lq) if append else seqlens[:, None].expand(b, lq).contiguous()
+    idx = torch.tensor([2, 0], dtype=torch.int32) if batch_idx else None
+    table = torch.tensor([[3, 1], [6, 4]], dtype=torch.int32) if paged else None
+    return (q, k_cache, v_cache, k_new, v_new, seqlens, limit, idx, table, d**-0.5)
+
+
+@pytest.mark.parametrize("paged, append, batch_idx", [(False, True, False), (False, True, True),
+                                                       (True, True, False), (False, False, False)])
+def test_opcheck_attn_with_kvcache(paged, append, batch_idx):
+    # Also checks the schema's mutation marks: the op writes k_cache / v_cache (a!) (b!) and nothing else.
+    torch.library.opcheck(torch.ops.ism.attn_with_kvcache.default, _kvcache_args(paged, append, batch_idx))
+
+
+def test_attn_with_kvcache_schema_marks_the_caches_mutable():
+    schema = torch.ops.ism.attn_with_kvcache.default._schema
+    mutable = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutable == ["k_cache", "v_cache"]

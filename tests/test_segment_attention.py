@@ -6,21 +6,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import Case, make_case, reference_attention
+from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext
 
 # (forward atol, gradient atol) relative to the reference's magnitude; inputs are N(0, 1).
 TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (2e-2, 4e-2), torch.float16: (3e-3, 6e-3)}
 DTYPES = list(TOL)
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    actual = actual.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
 
 
 def _run(case: Case, *, grad: bool, dtype_tol: torch.dtype | None = None, check_lse: bool = True) -> None:
@@ -35,18 +27,18 @@ def _run(case: Case, *, grad: bool, dtype_tol: torch.dtype | None = None, check_
                                            case.softmax_scale)
     assert out.shape == case.q.shape and out.dtype == case.q.dtype
     assert lse.shape == (case.q.shape[1], case.q.shape[0]) and lse.dtype == torch.float32
-    _close(out, ref_out, fwd_tol, "out")
+    assert_close_scaled(out, ref_out, fwd_tol, "out")
     if check_lse:
         empty = torch.isinf(ref_lse)
         assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly on the empty rows"
-        _close(lse[~empty], ref_lse[~empty], fwd_tol, "lse")
+        assert_close_scaled(lse[~empty], ref_lse[~empty], fwd_tol, "lse")
     if grad:
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
         out.backward(g)
         ref_out.backward(g.double())
         for name, mine, ref in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
             assert mine.dtype == case.q.dtype
-            _close(mine, ref, grad_tol, name)
+            assert_close_scaled(mine, ref, grad_tol, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -120,7 +112,7 @@ def test_gradient_through_lse():
                                  case.softmax_scale)
     (ro.pow(2).sum() + (rl * w.double()).sum()).backward()
     for mine, ref in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
-        _close(mine, ref, 5e-5, "grad")
+        assert_close_scaled(mine, ref, 5e-5, "grad")
     # lse alone (out unused): grad_out arrives as None.
     q.grad = None
     _, lse = ism_ext.segment_attention(q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q, return_lse=True)
@@ -141,9 +133,9 @@ def test_batched_form_matches_packed():
     cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32)
     ref_out, ref_lse = reference_attention(q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d),
                                            lim.reshape(-1), cu_q, cu_k, d**-0.5)
-    _close(out.reshape(-1, hq, d), ref_out, 2e-5, "out")
+    assert_close_scaled(out.reshape(-1, hq, d), ref_out, 2e-5, "out")
     finite = torch.isfinite(ref_lse)
-    _close(lse.transpose(0, 1).reshape(hq, -1)[finite], ref_lse[finite], 2e-5, "lse")
+    assert_close_scaled(lse.transpose(0, 1).reshape(hq, -1)[finite], ref_lse[finite], 2e-5, "lse")
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
@@ -160,7 +152,7 @@ def test_strided_inputs():
     for qq in (q, q2):
         out = ism_ext.segment_attention(qq, k, v, lim)
         ref, _ = reference_attention(qq, k, v, lim, cu, cu, d**-0.5)
-        _close(out, ref, 2e-5, "out")
+        assert_close_scaled(out, ref, 2e-5, "out")
 
 
 def test_backward_is_deterministic_and_thread_count_independent():
@@ -186,10 +178,10 @@ def test_default_scale_and_custom_scale():
     out = ism_ext.segment_attention(case.q, case.k, case.v, case.kv_limit)
     ref, _ = reference_attention(case.q, case.k, case.v, case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k,
                                  16**-0.5)
-    _close(out, ref, 2e-5, "default scale")
+    assert_close_scaled(out, ref, 2e-5, "default scale")
     out = ism_ext.segment_attention(case.q, case.k, case.v, case.kv_limit, softmax_scale=0.3)
     ref, _ = reference_attention(case.q, case.k, case.v, case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k, 0.3)
-    _close(out, ref, 2e-5, "custom scale")
+    assert_close_scaled(out, ref, 2e-5, "custom scale")
 
 
 def test_large_scores_do_not_overflow():
@@ -215,4 +207,29 @@ def test_fuzz(seqlens, group, heads_kv, head_dim, limits, dtype, seed):
         seqlens_q = [lk if i % 2 else lq for i, (lk, lq) in enumerate(zip(seqlens_k, seqlens_q, strict=True))]
     case = make_case(seqlens_q, seqlens_k, heads_q=heads_kv * group, heads_kv=heads_kv, head_dim=head_dim,
                      dtype=dtype, limits=limits, seed=seed)
+    _run(case, grad=True)
+
+
+@pytest.mark.parametrize("batch, seqlen_q, seqlen_k", [(2, 0, 0), (0, 4, 4), (2, 0, 5), (2, 3, 0)])
+def test_batched_form_with_empty_dimensions(batch, seqlen_q, seqlen_k):
+    # Empty batches and empty sequences give empty results (and rows that see no key give 0 / -inf), never an
+    # error from building the offsets.
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, seqlen_q, 4, 16, generator=gen).requires_grad_()
+    k = torch.randn(batch, seqlen_k, 2, 16, generator=gen).requires_grad_()
+    v = torch.randn(batch, seqlen_k, 2, 16, generator=gen).requires_grad_()
+    lim = torch.zeros(batch, seqlen_q, dtype=torch.int32)
+    out, lse = ism_ext.segment_attention(q, k, v, lim, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (batch, 4, seqlen_q)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.all(t.grad == 0)
+
+
+def test_more_queries_than_keys_follow_kv_limit():
+    # Nothing assumes where a query sits: a sequence with more queries than keys (here 5 and 3, and an empty
+    # sequence before it) attends by kv_limit alone, like the reference.
+    case = make_case([0, 5, 3], [2, 3, 1], heads_q=4, heads_kv=2, head_dim=16, limits="random", seed=5)
+    assert case.kv_limit.max() <= 3
     _run(case, grad=True)

@@ -15,7 +15,7 @@ from tiny_tokenizer import make_tokenizer, sample_dialogues  # noqa: E402
 
 import ism_ext.integrations.hf  # noqa: E402,F401  (registers attn_implementation="ism")
 from ism_ext.training import ChatCollator  # noqa: E402
-from ism_ext.turns import tokenize_dialogue  # noqa: E402
+from ism_ext.turns import IGNORE_INDEX, tokenize_dialogue  # noqa: E402
 
 
 def tiny_llama(vocab: int, seed: int = 0, attn: str = "ism"):
@@ -63,7 +63,7 @@ def test_one_pass_gives_every_answer_the_loss_of_its_own_prefix(scheme):
         n = len(cut)
         assert torch.equal(cut.input_ids, full.input_ids[:n])  # the template is prefix-consistent
         cut_losses = token_losses(model, cut.input_ids, cut.block_sequence_ids)
-        labelled = (cut.labels[1:] != -100).nonzero().flatten()  # positions predicting answer tokens
+        labelled = (cut.labels[1:] != IGNORE_INDEX).nonzero().flatten()  # positions predicting answer tokens
         assert labelled.numel() > 0
         # Answer k (and every earlier one) has the same per-token loss in the one pass as in its own prefix.
         torch.testing.assert_close(full_losses[labelled], cut_losses[labelled], atol=1e-9, rtol=1e-5,
@@ -81,7 +81,7 @@ def test_prefix_lm_triplet_differs_from_the_one_pass():
     cut = tokenize_dialogue(tok, messages[:first_answer_end], "ism")
     later = copy.deepcopy(messages)
     prefix = tokenize_dialogue(tok, later, "prefix_lm")
-    labelled = (cut.labels[1:] != -100).nonzero().flatten()
+    labelled = (cut.labels[1:] != IGNORE_INDEX).nonzero().flatten()
     ism_losses = token_losses(model, full.input_ids, full.block_sequence_ids)[labelled]
     prefix_losses = token_losses(model, prefix.input_ids, prefix.block_sequence_ids)[labelled]
     assert (ism_losses - prefix_losses).abs().max() > 1e-4
