@@ -86,6 +86,12 @@ TORCH_LIBRARY(ism, m) {
       "attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor cache_seqlens, Tensor kv_limit, Tensor? cache_batch_idx, Tensor? block_table, float softmax_scale) "
       "-> (Tensor out, Tensor lse)");
+  // The checks of attn_with_kvcache alone, on any device (kvcache_op.cpp): what a composite
+  // implementation runs before it writes anything.
+  m.def(
+      "_attn_with_kvcache_check(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_new, Tensor? v_new, "
+      "Tensor cache_seqlens, Tensor kv_limit, Tensor? cache_batch_idx, Tensor? block_table, float softmax_scale) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(ism, CPU, m) {

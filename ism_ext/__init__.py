@@ -8,14 +8,15 @@ is layered, one folder a layer (docs/design.md):
     turns/         the turn renderer: chat template -> token ids, segment ids, labels
     integrations/  hf/: the "ism" attention inside transformers models
     training/      one-pass multi-turn training data and the train loop
-    inference/     KV cache, chat session, models that load offline
+    cache/         KVCache and its PagedAllocator (the storage of keys and values)
+    inference/     chat session, models that load offline
     cli/, viz/, perf/   the commands, pictures, the timer
 """
 
 import torch  # noqa: F401  (the extension links against torch: load it first)
 
 from . import _C  # noqa: F401  (registers torch.ops.ism.*)
-from .inference.kv_cache import KVCache
+from .cache import KVCache
 from .masks import (
     SCHEMES,
     dense_mask,

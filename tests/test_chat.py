@@ -104,8 +104,16 @@ def test_session_segments_the_dialogue_like_the_training_data(scheme, monkeypatc
     tok = make_tokenizer()
     answers = ["Four.", "The sun is big.", "It is long."]
     script = [t for a in answers for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    monkeypatch.setattr(ChatSession, "_choose", staticmethod(lambda *args: script.pop(0)))
-    session = ChatSession(tiny_llama(len(tok)), tok, scheme, system="Be brief.", max_new_tokens=32)
+
+    def scripted(input_ids, scores):  # a logits processor that makes the next scripted token the argmax
+        forced = torch.full_like(scores, -1e9)
+        forced[:, script.pop(0)] = 0.0
+        return forced
+
+    model = tiny_llama(len(tok))
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: generate(*a, logits_processor=[scripted], **k))
+    session = ChatSession(model, tok, scheme, system="Be brief.", max_new_tokens=32)
     assert [session.send(p) for p in PROMPTS[:3]] == answers
     train = tokenize_dialogue(tok, session.messages, scheme)
     n = len(session.dialogue.ids)

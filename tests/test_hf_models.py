@@ -233,7 +233,11 @@ def test_misuse_gives_clear_errors():
     with pytest.raises(ValueError, match="reused after a gap"):
         ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1, 0, -1, -1, -1, -1]]))
     with pytest.raises(ValueError, match="block_sequence_ids must have shape"):
-        ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1]]))
+        ours(tokens, block_sequence_ids=torch.zeros(1, 9, dtype=torch.long))  # longer than the row
+    # Shorter ids cover the first positions; the rest is causal, as transformers pads them.
+    short = ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1]])).logits
+    padded = ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1, -1, -1, -1, -1, -1]])).logits
+    assert torch.equal(short, padded)
     cfg = tiny_config("llama")
     cfg.attention_dropout = 0.1
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")

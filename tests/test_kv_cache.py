@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import pytest
 import torch
 from reference import assert_close_scaled, reference_attention
 
 import ism_ext
-from ism_ext.inference import KVCache
+from ism_ext.cache import KVCache
 from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
 from ism_ext.ops import attn_with_kvcache
+from ism_ext.ops.kvcache_composite import attn_with_kvcache_composite
+
+def _composite(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens, kv_limit=None, cache_batch_idx=None,
+               block_table=None, softmax_scale=None, return_lse=False):
+    """`attn_with_kvcache`'s wrapper, running the composite implementation (the CUDA path) on the CPU."""
+    kv_limit = kv_limit_causal_append(cache_seqlens, q.shape[1]) if kv_limit is None else kv_limit
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out, lse = attn_with_kvcache_composite(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit,
+                                           cache_batch_idx, block_table, scale)
+    return (out, lse) if return_lse else out
+
+
+@pytest.fixture(params=["op", "composite"])
+def impl(request, monkeypatch):
+    """Runs an op test on the CPU kernel and on the composite path (what CUDA runs until its kernel lands)."""
+    if request.param == "composite":
+        monkeypatch.setattr(sys.modules[__name__], "attn_with_kvcache", _composite)
+    return request.param
+
 
 # Forward atol relative to the reference's magnitude, as in test_segment_attention.py.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -69,6 +89,7 @@ def _randn(gen, *shape, dtype=torch.float32):
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["segment", "causal", "random"])
 @pytest.mark.parametrize("lq", [1, 37])
+@pytest.mark.usefixtures("impl")
 def test_op_contiguous_with_cache_batch_idx(lq, kind, group, head_dim, dtype):
     rng = random.Random(f"{lq}{kind}{group}{head_dim}{dtype}")
     gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
@@ -97,6 +118,7 @@ def test_op_contiguous_with_cache_batch_idx(lq, kind, group, head_dim, dtype):
 
 
 @pytest.mark.parametrize("rows", [3, 5])
+@pytest.mark.usefixtures("impl")
 def test_op_contiguous_without_cache_batch_idx(rows):
     # Sequence b uses cache row b; extra rows stay untouched. Default kv_limit is causal.
     gen = torch.Generator().manual_seed(rows)
@@ -142,6 +164,7 @@ def _unpage(pages, table):
 @pytest.mark.parametrize("kind", ["segment", "random"])
 @pytest.mark.parametrize("lq", [1, 20])
 @pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.usefixtures("impl")
 def test_op_paged_identical_to_contiguous(page_size, lq, kind, dtype):
     rng = random.Random(f"paged{page_size}{lq}{kind}")
     gen = torch.Generator().manual_seed(page_size + lq)
@@ -169,6 +192,7 @@ def test_op_paged_identical_to_contiguous(page_size, lq, kind, dtype):
 
 
 @pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.usefixtures("impl")
 def test_op_attend_without_new_tokens(paged):
     rng = random.Random(5)
     gen = torch.Generator().manual_seed(5)
@@ -224,6 +248,7 @@ def _contiguous_call(**overrides):
     return call, caches
 
 
+@pytest.mark.usefixtures("impl")
 def test_op_contiguous_call_is_valid_as_built():
     call, _ = _contiguous_call()
     assert call().shape == (2, 4, 4, 32)
@@ -251,6 +276,7 @@ def test_op_contiguous_call_is_valid_as_built():
     (dict(q=torch.zeros(2, 4, 4, 32, dtype=torch.bfloat16)), TypeError, "dtype"),
     (dict(q=torch.zeros(4, 4, 4, 32), cache_seqlens=torch.zeros(4, dtype=I32)), ValueError, "k_new must have shape"),
 ])
+@pytest.mark.usefixtures("impl")
 def test_op_rejects_before_writing(overrides, exc, match):
     call, caches = _contiguous_call(**overrides)
     _assert_rejected(call, caches, exc, match)
@@ -274,6 +300,7 @@ def _paged_call(table, lens, page_size=16, num_pages=6, lq=4, **overrides):
     return call, caches
 
 
+@pytest.mark.usefixtures("impl")
 def test_op_paged_valid_call_and_shared_reads():
     # Two sequences may share a page they both only read (a forked prefix) while writing their own pages.
     call, caches = _paged_call([[0, 1], [0, 2]], [16, 16])
@@ -296,6 +323,7 @@ def test_op_paged_valid_call_and_shared_reads():
     ([[0, 1], [2, 3]], [5, 20], dict(block_table=torch.tensor([[0, 1], [2, 3]])), TypeError, "block_table"),
     ([[0, 1], [2, 3]], [5, 20], dict(block_table=torch.tensor([[0, 1]], dtype=I32)), ValueError, "block_table"),
 ])
+@pytest.mark.usefixtures("impl")
 def test_op_paged_rejects_before_writing(table, lens, kwargs, exc, match):
     call, caches = _paged_call(table, lens, **kwargs)
     _assert_rejected(call, caches, exc, match)

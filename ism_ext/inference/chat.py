@@ -1,17 +1,18 @@
 """Multi-turn chat with the KV cache kept across rounds (ISM), and the two baselines of the ISM paper.
 
-`ChatSession(model, tokenizer, scheme="ism")` keeps the dialogue's keys/values in a transformers
-`DynamicCache`. Each round:
+`ChatSession(model, tokenizer, scheme="ism")` keeps the dialogue's keys/values in the project's own cache
+(`ism_ext.integrations.hf.IsmCache`: preallocated, written in place, attended with `attn_with_kvcache`).
+Each round:
 
 1. the new text of the round (the template's glue after the previous answer, the user turn and the
    assistant header) is rendered and tokenised by the same turn renderer as the training data
    (`ism_ext.turns`) and prefilled *once* on top of the cache: under ISM one bidirectional segment per
    input turn (the system turn of the first round is a segment of its own);
-2. the answer is decoded causally (greedy, or sampling with temperature / top-p), streaming each piece of
-   text, until the end-of-turn token;
+2. the answer is decoded causally by `model.generate` on that cache (greedy, or sampling with
+   temperature / top-p), streaming each piece of text, until the end-of-turn token;
 3. that final token is run through the model too, so its key/value is in the cache before the next round.
 
-No history token is ever recomputed. `scheme="causal"` does the same with a causal user turn;
+No history token is ever recomputed. `scheme="causal"` does the same with causal user turns;
 `scheme="prefix_lm"` must recompute the whole history every round (a prefix LM's prompt is one
 bidirectional block, so old keys change when the prompt grows): these are the baselines of the paper's
 latency claim. `use_cache=False` recomputes the whole dialogue at every step (the reference the tests
@@ -25,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
+from ..integrations.hf import IsmCache, cache_argument_name, is_ism_model
 from ..turns import render_dialogue, tokenize_rendered
 
 SCHEMES = ("ism", "mas", "causal", "prefix_lm")
@@ -53,6 +56,44 @@ class _Dialogue:
     turns: list[tuple[str, int]] = field(default_factory=list)  # (role, n_tokens), as the renderer counts them
 
 
+class _RoundClock(BaseStreamer):
+    """A `generate` streamer that times every new token and streams the answer's text as it grows."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], stream: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.stop_ids, self.stream = tokenizer, stop_ids, stream
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.shown = ""
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Called by `generate` with the prompt first, then with each new token."""
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        self.tokens += value.flatten().tolist()
+        if self.stream is not None:
+            text = self.tokenizer.decode([t for t in self.tokens if t not in self.stop_ids], skip_special_tokens=True)
+            if len(text) > len(self.shown):
+                self.stream(text[len(self.shown):])
+            self.shown = text
+
+    def end(self) -> None:
+        """Nothing to flush: pieces are streamed as they come."""
+
+
+@dataclass
+class _RoundStart:
+    """What `undo` restores: the dialogue, the messages and the cache length before a round."""
+
+    cache_length: int
+    dialogue: _Dialogue
+    n_messages: int
+    next_block: int
+
+
 class ChatSession:
     """A chat over a model and its tokenizer with the KV cache reused across rounds (see module doc)."""
 
@@ -66,6 +107,8 @@ class ChatSession:
         max_new_tokens: int = 256,
         use_cache: bool = True,
         record_logits: bool = False,
+        max_cache_tokens: int | None = None,
+        page_size: int | None = None,
     ) -> None:
         """Args:
         model: a causal LM built or patched with `attn_implementation="ism"`.
@@ -76,66 +119,37 @@ class ChatSession:
         max_new_tokens: answer length limit per round.
         use_cache: False recomputes the whole dialogue at every decode step (reference mode).
         record_logits: keep the logits of every step in `self.logits` (for tests).
+        max_cache_tokens: capacity of the cache (default: the model's context, at most 4096 tokens).
+        page_size: a paged cache with pages of this many tokens (a multiple of 16); None for a contiguous one.
         """
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-        if getattr(model.config, "_attn_implementation", None) != "ism":
-            raise ValueError("ChatSession needs a model with attn_implementation='ism' (see ism_ext.hf.apply_ism)")
+        if not is_ism_model(model):
+            raise ValueError("ChatSession needs a model with attn_implementation='ism' (see ism_ext.integrations.hf)")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("ChatSession needs a tokenizer with a chat template")
         self.model, self.tokenizer, self.scheme = model, tokenizer, scheme
         self.max_new_tokens, self.use_cache, self.record_logits = max_new_tokens, use_cache, record_logits
+        context = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.max_cache_tokens = max_cache_tokens or min(context, 4096)
+        self.page_size = page_size
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.stats: list[RoundStats] = []
         self.logits: list[torch.Tensor] = []  # per step: logits of the last position, float32 [vocab]
         self.logit_positions: list[int] = []  # per step: that position's index in the dialogue
         self.dialogue = _Dialogue()
-        self._cache = None
+        self.cache: IsmCache | None = None
         self._next_block = 0
+        self._round_starts: list[_RoundStart] = []
         eos = tokenizer.eos_token_id
         self.stop_ids = {eos} if isinstance(eos, int) else set(eos or [])
         if not self.stop_ids:
             raise ValueError("the tokenizer has no eos_token_id: ChatSession cannot tell when an answer ends")
 
-    # -- model calls -------------------------------------------------------------------------------------------
-
     @property
     def cache_tokens(self) -> int:
         """Tokens whose keys/values are in the cache."""
-        return 0 if self._cache is None else self._cache.get_seq_length()
-
-    def _forward(self, ids: list[int], block_ids: list[int]) -> torch.Tensor:
-        """Runs `ids` on top of the cache (or the whole dialogue without one); returns the last logits."""
-        device = self.model.device
-        if not self.use_cache:  # reference mode: everything so far, every time
-            all_ids, all_blocks = self.dialogue.ids + ids, self.dialogue.block_ids + block_ids
-            out = self.model(torch.tensor([all_ids], device=device),
-                             block_sequence_ids=torch.tensor([all_blocks], device=device))
-        else:
-            if self._cache is None:
-                from transformers import DynamicCache
-
-                self._cache = DynamicCache(config=self.model.config)
-            out = self.model(torch.tensor([ids], device=device), past_key_values=self._cache, use_cache=True,
-                             block_sequence_ids=torch.tensor([block_ids], device=device))
-        self.dialogue.ids += ids
-        self.dialogue.block_ids += block_ids
-        logits = out.logits[0, -1].float()
-        if self.record_logits:
-            self.logits.append(logits.detach().clone())
-            self.logit_positions.append(len(self.dialogue.ids) - 1)
-        return logits
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-        if temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        return 0 if self.cache is None else self.cache.get_seq_length()
 
     # -- a round -----------------------------------------------------------------------------------------------
 
@@ -143,18 +157,58 @@ class ChatSession:
         """Token ids (and block ids) to prefill this round: what the renderer gives after the cached text."""
         rendered = render_dialogue(self.tokenizer, self.messages, add_generation_prompt=True)
         if self.scheme == "prefix_lm":  # the whole prompt is one bidirectional block: recompute all of it
-            self._cache, self.dialogue, self._next_block = None, _Dialogue(), 0
+            self.dialogue, self._next_block = _Dialogue(), 0
+            if self.cache is not None:
+                self.cache.reset()
         if not rendered.text.startswith(self.dialogue.text):
             raise ValueError("the chat template does not render the new round as an extension of the previous one, "
                              "so the cached history cannot be reused")
         new = tokenize_rendered(self.tokenizer, rendered, self.scheme, start=len(self.dialogue.text))
         segment = new.block_sequence_ids
         blocks = torch.where(segment >= 0, segment + self._next_block, segment)
-        if new.block_sequence_ids.numel() and int(segment.max()) >= 0:
+        if segment.numel() and int(segment.max()) >= 0:
             self._next_block += int(segment.max()) + 1
         self.dialogue.text = rendered.text
         self.dialogue.turns += new.turns
         return new.input_ids.tolist(), blocks.tolist()
+
+    def _generation_config(self, temperature: float, top_p: float):
+        from transformers import GenerationConfig
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        # top_k=0: only temperature and top-p shape the distribution (transformers defaults to top_k=50).
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, eos_token_id=sorted(self.stop_ids),
+                                pad_token_id=pad, top_k=0, use_cache=self.use_cache, **sampling)
+
+    def _generate(self, ids: list[int], blocks: list[int], temperature: float, top_p: float, seed: int | None,
+                  clock: _RoundClock):
+        """`model.generate` over the whole dialogue on the session's cache (it prefills only the new tokens)."""
+        device = self.model.device
+        kwargs = {}
+        if self.use_cache:
+            if self.cache is None:
+                self.cache = IsmCache.for_model(self.model, 1, self.max_cache_tokens, page_size=self.page_size)
+            kwargs[cache_argument_name(self.model)] = self.cache
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.model.generate(
+                torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                               device=device),
+                block_sequence_ids=torch.tensor([blocks], device=device), streamer=clock,
+                generation_config=self._generation_config(temperature, top_p), return_dict_in_generate=True,
+                output_logits=self.record_logits, **kwargs)
+
+    def _cache_last_token(self, token: int) -> None:
+        """Runs the answer's last token (the end-of-turn token) through the model: into the cache now."""
+        if not self.use_cache:
+            return
+        device = self.model.device
+        self.model(torch.tensor([[token]], device=device), use_cache=True,
+                   block_sequence_ids=torch.tensor([[-1]], device=device),
+                   **{cache_argument_name(self.model): self.cache})
 
     def send(
         self,
@@ -168,41 +222,54 @@ class ChatSession:
         """Adds a user turn, generates the answer (greedy when temperature is 0), returns its text.
 
         `stream`, if given, is called with each new piece of the answer's text as soon as it is decoded.
+        `seed` makes sampling reproducible (the global random state is left as it was).
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._round_starts.append(_RoundStart(self.cache_tokens, _copy(self.dialogue), len(self.messages),
+                                              self._next_block))
         self.messages.append({"role": "user", "content": user_text})
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            clock = _RoundClock(self.tokenizer, self.stop_ids, stream)
             prompt_ids, prompt_blocks = self._prompt_for_round()
-            logits = self._forward(prompt_ids, prompt_blocks)
-            token = self._choose(logits, temperature, top_p, generator)
-            ttft = time.perf_counter() - t0
-            answer: list[int] = [token]
-            shown = ""
-            t1 = time.perf_counter()
-            while token not in self.stop_ids and len(answer) < self.max_new_tokens:
-                if stream is not None:
-                    shown = self._stream(answer, shown, stream)
-                logits = self._forward([token], [-1])
-                token = self._choose(logits, temperature, top_p, generator)
-                answer.append(token)
-            decode_s = time.perf_counter() - t1
-            # The answer's last token (the end-of-turn token) goes into the cache now, before the next round.
-            self._forward([token], [-1])
-        if stream is not None:
-            self._stream(answer, shown, stream)
+            ids, blocks = self.dialogue.ids + prompt_ids, self.dialogue.block_ids + prompt_blocks
+            out = self._generate(ids, blocks, temperature, top_p, seed, clock)
+            answer = out.sequences[0, len(ids):].tolist()
+            self._cache_last_token(answer[-1])
+        self._record(out, ids, prompt_ids, prompt_blocks, answer, clock)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        self.dialogue.text += self.tokenizer.decode(answer, skip_special_tokens=False)
-        self.dialogue.turns.append(("assistant", len(answer)))
         self.messages.append({"role": "assistant", "content": text})
-        self.stats.append(RoundStats(round=len(self.stats) + 1, prompt_tokens=len(prompt_ids), ttft_s=ttft,
-                                     answer_tokens=len(answer),
-                                     decode_tokens_per_s=(len(answer) - 1) / decode_s if decode_s > 0 else 0.0,
-                                     cache_tokens=self.cache_tokens))
         return text
 
-    def _stream(self, answer: list[int], shown: str, stream: Callable[[str], None]) -> str:
-        text = self.tokenizer.decode([t for t in answer if t not in self.stop_ids], skip_special_tokens=True)
-        if len(text) > len(shown):
-            stream(text[len(shown):])
-        return text
+    def _record(self, out, ids: list[int], prompt_ids: list[int], prompt_blocks: list[int], answer: list[int],
+                clock: _RoundClock) -> None:
+        """The dialogue grows by the round's tokens; the round's figures and (optionally) its logits are kept."""
+        self.dialogue.ids = ids + answer
+        self.dialogue.block_ids += prompt_blocks + [-1] * len(answer)
+        self.dialogue.text += self.tokenizer.decode(answer, skip_special_tokens=False)
+        self.dialogue.turns.append(("assistant", len(answer)))
+        if self.record_logits:
+            for step, logits in enumerate(out.logits):
+                self.logits.append(logits[0].float())
+                self.logit_positions.append(len(ids) - 1 + step)
+        decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else 0.0
+        self.stats.append(RoundStats(round=len(self.stats) + 1, prompt_tokens=len(prompt_ids),
+                                     ttft_s=clock.times[0] - clock.t0, answer_tokens=len(answer),
+                                     decode_tokens_per_s=(len(answer) - 1) / decode_s if decode_s > 0 else 0.0,
+                                     cache_tokens=self.cache_tokens))
+
+    def undo(self) -> None:
+        """Forgets the last round: its messages, tokens and statistics, and truncates the cache to where it began.
+
+        The cut is at a segment boundary (the end of the previous round), which is where KV reuse is sound.
+        """
+        if not self._round_starts:
+            raise ValueError("ChatSession.undo: there is no round to undo")
+        start = self._round_starts.pop()
+        if self.cache is not None and self.scheme != "prefix_lm":
+            self.cache.truncate(start.cache_length)
+        self.dialogue, self._next_block = start.dialogue, start.next_block
+        del self.messages[start.n_messages:]
+        self.stats.pop()
+
+
+def _copy(dialogue: _Dialogue) -> _Dialogue:
+    return _Dialogue(list(dialogue.ids), list(dialogue.block_ids), dialogue.text, list(dialogue.turns))

@@ -14,12 +14,24 @@ import torch
 
 from ..masks.new_tokens import kv_limit_causal_append
 from ._library import op, qualname
+from .kvcache_composite import attn_with_kvcache_composite
 
 
 @torch.library.register_fake(qualname("attn_with_kvcache"))
 def _attn_with_kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx,
                             block_table, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(qualname("_attn_with_kvcache_check"))
+def _attn_with_kvcache_check_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx,
+                                  block_table, softmax_scale):
+    return None
+
+
+# CUDA: the composite of verified pieces, until a dedicated kernel registers itself from C++.
+if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname("attn_with_kvcache"), "CUDA"):
+    torch.library.impl(qualname("attn_with_kvcache"), "CUDA")(attn_with_kvcache_composite)
 
 
 def attn_with_kvcache(
@@ -53,8 +65,10 @@ def attn_with_kvcache(
         softmax_scale: defaults to `D ** -0.5`.
         return_lse: also return the float32 log-sum-exp `[B, Hq, Lq]`.
 
-    Supported: CPU only for now (float32, float16, bfloat16; head dims 1 to 256); on CUDA tensors the
-    op raises PyTorch's "no kernel for CUDA" error. Every index value is checked.
+    Devices: the CPU kernel (float32, float16, bfloat16; head dims 1 to 256). On CUDA, a composite of
+    verified pieces (`ism_ext.ops.kvcache_composite`): the same checks, an in-place copy of the new rows,
+    then the CUDA prefill kernel over the cache rows (float16, bfloat16; head dims 64 and 128). Every index
+    value is checked on both (on CUDA through one copy of the index tensors to the host).
 
     Returns the output `[B, Lq, Hq, D]` (and lse). Errors (ValueError/TypeError naming the argument) are raised
     before anything is written: appending past capacity, `kv_limit` outside `[0, cache_seqlens + Lq]`, a cache

@@ -11,7 +11,8 @@ Importing this package registers the attention implementation ``"ism"`` in trans
 `block_sequence_ids` follows transformers' convention (-1 = causal token, a contiguous run of one
 id >= 0 = one bidirectional block). It travels with the forward's keyword arguments to every attention
 layer (`attention.py`), which turns it, the padding and the packing into one varlen layout per forward
-(`layout.py`).
+(`layout.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
+`model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`).
 
 Supported families: Llama, Qwen2, Qwen3, Mistral (full attention; sliding windows, logit softcapping
 and attention dropout are rejected with a clear error, never silently ignored).
@@ -26,7 +27,9 @@ from .attention import (
     ism_mask_function,
     register,
 )
-from .layout import PackedLayout, packed_layout
+from .cache import IsmCache
+from .generation import cache_argument_name, install, is_ism_model
+from .layout import PackedLayout, packed_layout, query_block_ids
 from .patch import (
     APPLY_FUNCTIONS,
     apply_ism,
@@ -41,9 +44,13 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_TRANSFORMERS",
+    "IsmCache",
     "IsmMask",
     "PackedLayout",
     "apply_ism",
+    "cache_argument_name",
+    "install",
+    "is_ism_model",
     "apply_ism_to_llama",
     "apply_ism_to_mistral",
     "apply_ism_to_qwen2",
@@ -51,7 +58,9 @@ __all__ = [
     "ism_attention_forward",
     "ism_mask_function",
     "packed_layout",
+    "query_block_ids",
     "register",
 ]
 
 register()
+install()

@@ -9,12 +9,15 @@ object, so the conversion happens once per forward, not once per layer. Every la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...ops import segment_attention
 from .layout import PackedLayout, packed_layout
+
+if TYPE_CHECKING:
+    from .cache import IsmCache
 
 ATTN_IMPLEMENTATION = "ism"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -31,7 +34,9 @@ class IsmMask:
     kv_length: int
     padding_mask: torch.Tensor | None  # 2-D [batch, kv_length], nonzero = token
     device: torch.device
+    cache: IsmCache | None = None  # the project's cache, when the forward runs on one
     _layouts: dict[tuple, PackedLayout] = field(default_factory=dict)
+    _steps: dict[int, Any] = field(default_factory=dict)
 
     def layout(self, block_sequence_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> PackedLayout:
         """The packed layout for this forward, computed by the first layer that asks and cached here."""
@@ -43,6 +48,14 @@ class IsmMask:
                 position_ids=position_ids, block_sequence_ids=block_sequence_ids, device=self.device,
             )
         return self._layouts[key]
+
+    def cache_step(self, block_sequence_ids: torch.Tensor | None, num_layers: int):
+        """What this forward appends to the cache, planned (and checked) by the first layer that asks."""
+        key = id(block_sequence_ids)
+        if key not in self._steps:
+            self._steps[key] = self.cache.plan(self.padding_mask, block_sequence_ids, self.q_length, self.kv_length,
+                                               num_layers)
+        return self._steps[key]
 
 
 def ism_mask_function(
@@ -68,7 +81,12 @@ def ism_mask_function(
     if q_length is None:
         q_length = cache_position.shape[0]
         device = cache_position.device if device is None else device
-    return IsmMask(batch_size, q_length, kv_length, attention_mask, torch.device(device or "cpu"))
+    from .cache import cache_being_masked
+
+    cache = cache_being_masked()
+    if cache is not None:
+        cache.take()
+    return IsmMask(batch_size, q_length, kv_length, attention_mask, torch.device(device or "cpu"), cache)
 
 
 def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any], kv_len: int) -> None:
@@ -90,6 +108,26 @@ def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any
         raise NotImplementedError("attention logit softcapping is not supported by the ism attention")
 
 
+def _forward_mask(attention_mask: IsmMask | torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> IsmMask:
+    """The forward's `IsmMask`, checked against the attention inputs (sizes derived from them when absent)."""
+    q_len, kv_in = query.shape[2], key.shape[2]
+    if attention_mask is None:  # a caller that skipped mask creation
+        return IsmMask(query.shape[0], q_len, kv_in, None, query.device)
+    if not isinstance(attention_mask, IsmMask):
+        raise ValueError(
+            "the ism attention does not take a dense attention mask: pass a 2-D padding attention_mask and the "
+            f"segments as block_sequence_ids (got a tensor of shape {tuple(attention_mask.shape)})"
+        )
+    # With the project's cache the keys are the new rows; with any other, every key of the forward.
+    expect_kv = q_len if attention_mask.cache is not None else attention_mask.kv_length
+    if (attention_mask.q_length, expect_kv) != (q_len, kv_in):
+        raise ValueError(
+            f"mask sizes (q {attention_mask.q_length}, kv {attention_mask.kv_length}) do not match the attention "
+            f"inputs (q {q_len}, kv {kv_in})"
+        )
+    return attention_mask
+
+
 def ism_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -100,23 +138,19 @@ def ism_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The `AttentionInterface` entry of `"ism"`: `[B, H, S, D]` in, `[B, S, Hq, D]` out, as transformers expects."""
+    """The `AttentionInterface` entry of `"ism"`: `[B, H, S, D]` in, `[B, S, Hq, D]` out, as transformers expects.
+
+    On an `IsmCache` the key/value are the new rows only, appended and attended in one op call; otherwise they
+    are every key of the forward (transformers' own caches concatenate), attended by one `segment_attention`.
+    """
     batch, heads_q, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
+    mask = _forward_mask(attention_mask, query, key)
+    kv_len = mask.kv_length
     _check_module(module, dropout, kwargs, kv_len)
-    if attention_mask is None:  # a caller that skipped mask creation: derive the sizes from the tensors
-        attention_mask = IsmMask(batch, q_len, kv_len, None, query.device)
-    elif not isinstance(attention_mask, IsmMask):
-        raise ValueError(
-            "the ism attention does not take a dense attention mask: pass a 2-D padding attention_mask and the "
-            f"segments as block_sequence_ids (got a tensor of shape {tuple(attention_mask.shape)})"
-        )
-    if (attention_mask.q_length, attention_mask.kv_length) != (q_len, kv_len):
-        raise ValueError(
-            f"mask sizes (q {attention_mask.q_length}, kv {attention_mask.kv_length}) do not match the attention "
-            f"inputs (q {q_len}, kv {kv_len})"
-        )
-    layout = attention_mask.layout(kwargs.get("block_sequence_ids"), kwargs.get("position_ids"))
+    if mask.cache is not None:  # the project's cache: append and attend in one op call
+        step = mask.cache_step(kwargs.get("block_sequence_ids"), module.config.num_hidden_layers)
+        return mask.cache.attend(module.layer_idx, step, query, key, value, scaling), None
+    layout = mask.layout(kwargs.get("block_sequence_ids"), kwargs.get("position_ids"))
 
     # [B, H, S, D] -> packed [B * S, H, D]; the copies are O(N), like the transposes of other backends.
     q = query.transpose(1, 2).reshape(batch * q_len, heads_q, head_dim)

@@ -61,19 +61,28 @@ def _sequence_starts(real: torch.Tensor, position_ids: torch.Tensor | None, no_p
     return starts
 
 
-def _block_ids(block_sequence_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
-               device: torch.device | str) -> torch.Tensor:
-    """The queries' block ids, flattened ``[batch * q_len]`` (all causal when none are given)."""
+def query_block_ids(block_sequence_ids: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                    device: torch.device | str) -> torch.Tensor:
+    """The block ids of a forward call's queries, ``[batch, q_len]`` (all causal when none are given).
+
+    ``block_sequence_ids`` ``[batch, L]`` may hold the ids of the queries (``L == q_len``), of every key position
+    of the rows (``L == kv_len``: the last ``q_len`` columns are taken), or of the first ``L`` positions of the
+    rows (any other ``L < kv_len``): positions past ``L`` are causal. The last form is what ``generate`` passes at
+    every step (the prompt's ids), so the generated tokens are causal, as transformers pads them too.
+    """
     if block_sequence_ids is None:
-        return torch.full((batch * q_len,), -1, dtype=torch.long, device=device)
+        return torch.full((batch, q_len), -1, dtype=torch.long, device=device)
     ids = block_sequence_ids.to(device)
-    if ids.dim() == 2 and ids.shape[0] == batch and ids.shape[1] == kv_len:
-        ids = ids[:, kv_len - q_len :]
-    if ids.dim() != 2 or tuple(ids.shape) != (batch, q_len):
+    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] > kv_len:
         raise ValueError(
-            f"block_sequence_ids must have shape [batch, q_len] = [{batch}, {q_len}], got {tuple(ids.shape)}"
+            f"block_sequence_ids must have shape [batch, L] with L = q_len ({q_len}) or L <= kv_len ({kv_len}) and "
+            f"batch = {batch}, got {tuple(ids.shape)}"
         )
-    return ids.reshape(-1)
+    if ids.shape[1] == q_len:
+        return ids
+    if ids.shape[1] < kv_len:
+        ids = torch.nn.functional.pad(ids, (0, kv_len - ids.shape[1]), value=-1)
+    return ids[:, kv_len - q_len :]
 
 
 def packed_layout(
@@ -94,9 +103,9 @@ def packed_layout(
         position_ids: optional `[batch or 1, q_len]`; where a row's positions do not continue by +1 a new
             (packed) sequence starts. Only used without padding mask and without cache (q_len == kv_len),
             like transformers' own packed-sequence detection.
-        block_sequence_ids: optional `[batch, q_len]` ids (-1 causal, a run of one id >= 0 = one
-            bidirectional block); a `[batch, kv_len]` tensor is cut to its last `q_len` columns. Missing means
-            all causal.
+        block_sequence_ids: optional `[batch, L]` ids (-1 causal, a run of one id >= 0 = one bidirectional
+            block) of the queries, of all key positions, or of the first `L` positions (see `query_block_ids`).
+            Missing means all causal.
         device: where the layout tensors live.
 
     Returns:
@@ -122,7 +131,7 @@ def packed_layout(
     counts = torch.bincount(seq_of_query, minlength=n_seq)
     cu_q = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(counts, 0)])
 
-    ids = _block_ids(block_sequence_ids, batch, q_len, kv_len, device)
+    ids = query_block_ids(block_sequence_ids, batch, q_len, kv_len, device).reshape(-1)
     # kv_limit relative to the first query of each query sequence, then shifted to count from the first
     # key of the sequence (with a cache the first query is not the first key).
     local = kv_limit_from_segment_ids(ids, cu_q).long()
