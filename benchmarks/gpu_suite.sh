@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension for the local arch, run the CUDA tests, then the
 # GPU benchmarks; logs and JSON go to $OUT (default ./gpu_out). Steps are picked by arguments:
-#   bash benchmarks/gpu_suite.sh build test sanitize bench train   # everything
+#   bash benchmarks/gpu_suite.sh build test sanitize small_tiles bench train   # everything
 #   bash benchmarks/gpu_suite.sh build test                        # build and the CUDA tests only
+#   bash benchmarks/gpu_suite.sh build small_tiles                 # the small-tile backward only
 #   bash benchmarks/gpu_suite.sh build profile ncu                 # where the backward's time goes
 # Steps: build (setup.py build_ext --inplace, -Xptxas -v report in build.log), test (the CUDA test
-# files), sanitize (compute-sanitizer memcheck and racecheck on tests/cuda/sanitize_case.py), bench
+# files, the KV-cache composite path included), sanitize (compute-sanitizer memcheck and racecheck on
+# tests/cuda/sanitize_case.py),
+# small_tiles (the backward test file, then sanitize_case.py under memcheck and racecheck, all with
+# ISM_EXT_BWD_SMALL_TILES=1: the small dK/dV tiles of 99 KiB GPUs, run on this GPU), bench
 # (benchmarks/bench_prefill_gpu.py with BENCH_ARGS), train (benchmarks/bench_train_step_gpu.py with
 # TRAIN_ARGS), profile (benchmarks/profile_kernels_gpu.py: per-kernel times of one call), ncu (Nsight
 # Compute sections of one dK/dV kernel launch, 8k-token ISM, head dim 128). With PACK=1 everything
@@ -40,9 +44,22 @@ for what in "$@"; do
     test)
       step test
       timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 \
-        ${PYTEST_ARGS:-tests/test_segment_attention_cuda.py tests/test_segment_attention_cuda_bwd.py} 2>&1 \
+        ${PYTEST_ARGS:-tests/test_segment_attention_cuda.py tests/test_segment_attention_cuda_bwd.py tests/test_kvcache_cuda.py} 2>&1 \
         | tee "$OUT/test.log" | tail -60
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    small_tiles)
+      step small_tiles
+      export ISM_EXT_BWD_SMALL_TILES=1
+      timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 tests/test_segment_attention_cuda_bwd.py 2>&1 \
+        | tee "$OUT/small_tiles_test.log" | tail -30
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      for tool in memcheck racecheck; do
+        timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" tests/cuda/sanitize_case.py >"$OUT/small_tiles_sanitize_$tool.log" 2>&1 \
+          || status=1
+        echo "$tool: $(tail -3 "$OUT/small_tiles_sanitize_$tool.log" | tr '\n' ' ')"
+      done
+      unset ISM_EXT_BWD_SMALL_TILES
       ;;
     bench)
       step bench

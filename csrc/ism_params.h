@@ -1,4 +1,4 @@
-// Plain parameter structs shared by every segment-attention kernel (CPU now, CUDA later).
+// Plain parameter structs shared by every segment-attention kernel, CPU and CUDA.
 //
 // They hold raw pointers, strides and sizes only, so a kernel translation unit can include this
 // header without any torch header (nvcc compiles the CUDA kernels against it alone).

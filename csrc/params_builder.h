@@ -1,5 +1,5 @@
 // Fills the plain params structs of ism_params.h from validated tensors; shared by the CPU and
-// (later) CUDA implementations so that both read the tensors the same way.
+// CUDA implementations so that both read the tensors the same way.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,6 @@
 // Which key tiles a query tile must visit under the `kv_limit` rule, and which need a mask.
 //
-// One header for every kernel (CPU now, CUDA later) because this is the part of a masked
+// One header for every kernel, CPU and CUDA, because this is the part of a masked
 // attention kernel that is most easily subtly wrong. A query row r sees keys j < kv_limit[r].
 // For a tile of query rows with smallest limit `min_limit` and largest `max_limit`:
 //   - key tiles starting at or past `max_limit` are invisible to every row: skipped;

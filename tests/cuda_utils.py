@@ -1,4 +1,5 @@
-"""Shared pieces of the CUDA tests: skip markers, the NaN-poisoned allocator, random packed batches."""
+"""Shared pieces of the CUDA tests: skip markers, the NaN-poisoned allocator, random packed batches,
+the lse comparison, and the switch and launch counters of the backward's small dK/dV tiles."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 from reference import Case, make_case
 
 DEV = "cuda"
+
+# Set to "1", it makes the CUDA backward run its small dK/dV tiles (csrc/cuda/bwd_tiles_choice.h),
+# on any GPU; read at every backward call.
+SMALL_TILES_ENV = "ISM_EXT_BWD_SMALL_TILES"
 
 
 def has_cuda_kernel(op: str) -> bool:
@@ -36,6 +41,25 @@ def poison_allocator(*like: tuple[tuple[int, ...], torch.dtype]) -> None:
     """
     blocks = [torch.full(shape, math.nan, dtype=dtype, device=DEV) for shape, dtype in like]
     del blocks
+
+
+def assert_lse_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "lse") -> None:
+    """lse against the float64 reference's: -inf exactly on the rows that see nothing (kv_limit 0),
+    no NaN or +inf, and the finite rows within atol relative to max(1, |reference|)."""
+    actual = actual.detach().cpu().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    empty = torch.isneginf(expected)
+    assert torch.equal(torch.isneginf(actual), empty), f"{what} must be -inf exactly on the rows that see nothing"
+    assert not torch.isnan(actual).any() and not torch.isposinf(actual).any(), f"{what}: NaN or +inf"
+    if (~empty).any():
+        err = (actual[~empty] - expected[~empty]).abs().max().item()
+        scale = max(1.0, expected[~empty].abs().max().item())
+        assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
+
+
+def bwd_tile_launches() -> dict[str, int]:
+    """How many dK/dV kernels of each kind of tiles ("big", "small") this process has launched."""
+    return {tiles: torch.ops.ism._cuda_bwd_tiles_launches(tiles) for tiles in ("big", "small")}
 
 
 TILE_EDGES = [1, 63, 64, 65, 127, 128, 129, 255, 256, 257]

@@ -50,8 +50,9 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, atol: floa
     The tolerance scales with the reference's magnitude, so one atol per dtype serves outputs, lse and
     gradients alike.
     """
-    actual, expected = actual.double(), expected.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element or a NaN)"
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"

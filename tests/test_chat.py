@@ -121,3 +121,31 @@ def test_session_segments_the_dialogue_like_the_training_data(scheme, monkeypatc
     assert train.input_ids[:n].tolist() == session.dialogue.ids and len(train) == n + 1
     assert train.block_sequence_ids[:n].tolist() == session.dialogue.block_ids
     assert session.dialogue.turns[:-1] == train.turns[:-1]
+
+
+@pytest.mark.parametrize("scheme", ["ism", "prefix_lm"])
+def test_ttft_repeats_leave_the_session_as_one_run_would(scheme):
+    plain, answers = run(scheme, use_cache=True)
+    tok = make_tokenizer()
+    timed = ChatSession(tiny_llama(len(tok)), tok, scheme, system="Be brief.", max_new_tokens=6, record_logits=True)
+    assert [timed.send(p, ttft_repeats=3) for p in PROMPTS] == answers
+    assert timed.dialogue.ids == plain.dialogue.ids and timed.cache_tokens == plain.cache_tokens
+    assert all(s.ttft_s > 0 for s in timed.stats)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_undo_truncates_to_the_round_start_and_the_next_round_equals_a_fresh_session(paged):
+    tok = make_tokenizer()
+    page_size = 16 if paged else None
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", system="Be brief.", max_new_tokens=6, page_size=page_size)
+    session.send(PROMPTS[0])
+    after_one = (list(session.dialogue.ids), session.cache_tokens, list(session.messages))
+    session.send(PROMPTS[1])
+    session.undo()
+    assert (session.dialogue.ids, session.cache_tokens, session.messages) == after_one
+    answer = session.send(PROMPTS[2])
+    fresh = ChatSession(tiny_llama(len(tok)), tok, "ism", system="Be brief.", max_new_tokens=6)
+    fresh.send(PROMPTS[0])
+    assert fresh.send(PROMPTS[2]) == answer and fresh.dialogue.ids == session.dialogue.ids
+    with pytest.raises(ValueError, match="no round"):
+        ChatSession(tiny_llama(len(tok)), tok).undo()

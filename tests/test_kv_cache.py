@@ -22,6 +22,7 @@ from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
 from ism_ext.ops import attn_with_kvcache
 from ism_ext.ops.kvcache_composite import attn_with_kvcache_composite
 
+
 def _composite(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens, kv_limit=None, cache_batch_idx=None,
                block_table=None, softmax_scale=None, return_lse=False):
     """`attn_with_kvcache`'s wrapper, running the composite implementation (the CUDA path) on the CPU."""
@@ -743,3 +744,13 @@ def test_contiguous_rows_may_be_shared_for_reading():
     assert torch.equal(out[0], out[1])
     single = ism_ext.attn_with_kvcache(q[:1], kc[1:], vc[1:], cache_seqlens=lens[:1], kv_limit=lens[:1, None])
     torch.testing.assert_close(out[:1], single)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_kvcache_built_under_inference_mode_is_writable_outside_it(paged):
+    with torch.inference_mode():
+        cache = _make_cache(paged, num_layers=1, batch=1, capacity=64)
+    q, k, v = (torch.randn(1, 3, h, D) for h in (2 * HKV, HKV, HKV))
+    cache.append_and_attend(0, q, k, v)
+    cache.truncate(0, 2)
+    assert cache.lengths(0) == [2]

@@ -4,8 +4,12 @@ Runs the CPU gradient matrix on the GPU: every layout scheme and random kv_limit
 included), bfloat16 and float16, head dims 64 and 128, GQA groups 1/2/4/8, packed variable-length
 batches, lengths 1..4097 around the tile edges (64/128 query rows, 128 keys), sequences with more
 keys than queries, the lse gradient, scales, strided and expanded gradients, the deterministic mode,
-and a patched transformers model. dq/dk/dv land in memory that was just filled with NaN, so an
-element the kernels forget to write shows up. Skipped without a CUDA device.
+and a patched transformers model; then a subset of the matrix on the small dK/dV tiles
+(ISM_EXT_BWD_SMALL_TILES=1), which GPUs with 99 KiB of shared memory per block need, and the choice
+between the two. dq/dk/dv land in memory that was just filled with NaN, so an element the kernels
+forget to write shows up. Skipped without a CUDA device.
+
+benchmarks/gpu_suite.sh's small_tiles step also runs this whole file with ISM_EXT_BWD_SMALL_TILES=1.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ import random
 
 import pytest
 import torch
-from cuda_utils import DEV, cuda_marks, poison_allocator, random_varlen_case
-from reference import Case, make_case, reference_attention
+from cuda_utils import (
+    DEV,
+    SMALL_TILES_ENV,
+    TILE_EDGES,
+    assert_lse_close,
+    bwd_tile_launches,
+    cuda_marks,
+    poison_allocator,
+    random_varlen_case,
+)
+from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext
 
@@ -26,17 +39,6 @@ pytestmark = cuda_marks("segment_attn_bwd")
 TOL = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (3e-3, 6e-3)}
 DTYPES = list(TOL)
 SCHEMES = ["ism", "mas", "prefix_lm", "causal", "random", "full", "empty"]
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
-    actual = actual.detach().cpu().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten element or a NaN)"
-    if expected.numel() == 0:
-        return
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual - expected).abs().max().item()
-    assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
 
 
 def _gpu_grads(case: Case, grad_out: torch.Tensor, grad_lse: torch.Tensor | None = None, *,
@@ -72,17 +74,19 @@ def _ref_grads(case: Case, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
 
 
 def _run(case: Case, *, seed: int = 7, with_lse: bool = False, **kwargs) -> tuple[torch.Tensor, ...]:
-    """Checks out, lse, dq, dk, dv against the reference; returns the GPU gradients."""
+    """Checks out, dq, dk, dv (and lse, with_lse) against the reference; returns the GPU gradients."""
     gen = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(case.q.shape, generator=gen).to(case.q.dtype)
     grad_lse = torch.randn(case.q.shape[1], case.q.shape[0], generator=gen) if with_lse else None
     out, lse, dq, dk, dv = _gpu_grads(case, grad_out, grad_lse, **kwargs)
     ref = _ref_grads(case, grad_out.float(), grad_lse)
     fwd_tol, grad_tol = TOL[case.q.dtype]
-    _close(out, ref[0], fwd_tol, "out")
+    assert_close_scaled(out, ref[0], fwd_tol, "out")
+    if with_lse:
+        assert_lse_close(lse, ref[1], fwd_tol)
     for name, mine, expected in (("dq", dq, ref[2]), ("dk", dk, ref[3]), ("dv", dv, ref[4])):
         assert mine.dtype == case.q.dtype
-        _close(mine, expected, grad_tol, name)
+        assert_close_scaled(mine, expected, grad_tol, name)
     return dq, dk, dv
 
 
@@ -204,7 +208,7 @@ def test_strided_inputs_and_expanded_output_gradient():
     qr = qkv.detach().cpu().double().requires_grad_()
     ref, _ = reference_attention(qr[:, 0], qr[:, 1], qr[:, 2], lim, cu, cu, d**-0.5)
     ref.sum().backward()
-    _close(qkv.grad, qr.grad, TOL[torch.bfloat16][1], "d qkv")
+    assert_close_scaled(qkv.grad, qr.grad, TOL[torch.bfloat16][1], "d qkv")
 
 
 def test_non_default_stream():
@@ -249,7 +253,7 @@ def test_patched_llama_training_step_on_gpu():
     transformers = pytest.importorskip("transformers")
     from test_hf_models import additive_mask, random_turns
 
-    from ism_ext.layouts import segment_ids_for_turns
+    from ism_ext import segment_ids_for_turns
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
@@ -285,3 +289,145 @@ def test_patched_llama_training_step_on_gpu():
             f"grad of {name}: max error {err_ours:.3g}, stock bfloat16 model {err_stock:.3g} (scale {scale:.3g})")
         checked += 1
     assert checked >= 8
+
+
+# ---- The small dK/dV tiles (csrc/cuda/bwd_kernel_traits.h BwdDkDvSmallShape), selected on any GPU by
+# ISM_EXT_BWD_SMALL_TILES=1. The fixture sets the switch for the test and checks afterwards that
+# every backward of the test ran the small dK/dV kernels and none the big ones.
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setenv(SMALL_TILES_ENV, "1")
+    before = bwd_tile_launches()
+    yield
+    after = bwd_tile_launches()
+    assert after["small"] > before["small"], "no backward ran the small dK/dV tiles"
+    assert after["big"] == before["big"], "a backward ran the big dK/dV tiles despite " + SMALL_TILES_ENV
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_small_tiles_layouts(small_tiles, scheme, dtype, head_dim):
+    test_layouts(scheme, dtype, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_small_tiles_gqa(small_tiles, group, head_dim):
+    test_gqa(group, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("length", TILE_EDGES + [1025])
+def test_small_tiles_tile_edge_lengths(small_tiles, length, head_dim):
+    # The small tiles' edges: 64-row query steps, 128 (d = 64) or 64 (d = 128) keys per block.
+    test_tile_edge_lengths(length, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_tiles_queries_shorter_than_keys(small_tiles, head_dim):
+    test_queries_shorter_than_keys("ism", head_dim)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_small_tiles_random_varlen_layouts(small_tiles, seed):
+    test_random_varlen_layouts(seed)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_tiles_empty_rows_and_unseen_keys(small_tiles, head_dim):
+    test_empty_rows_and_unseen_keys_get_zero_gradients(head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_tiles_lse_gradient(small_tiles, head_dim):
+    test_lse_gradient("ism", head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_tiles_deterministic_mode(small_tiles, head_dim):
+    test_deterministic_mode_is_bit_identical(head_dim)
+
+
+@pytest.mark.parametrize(("head_dim", "group"), [(128, 1), (128, 4), (64, 1)])
+def test_small_tiles_match_big_tiles_bit_for_bit(monkeypatch, head_dim, group):
+    # Where both tilings add up every key's dK and dV in the same order, the results are the same
+    # bits: each warp computes 16 keys the same way in both, and the query steps reach a key in the
+    # same order (64-row steps in both at d = 128; at d = 64 the big tiles' 128-row steps are the
+    # small tiles' two 64-row steps, which interleave differently only across the heads of a GQA
+    # group). Query tiles that the big 128-key block visits for its other keys add exact zeros. The
+    # deterministic dQ kernel is the same in both.
+    case = make_case([700, 333, 65, 129], heads_q=4, heads_kv=4 // group, head_dim=head_dim, dtype=torch.bfloat16,
+                     limits="ism", seed=head_dim + group)
+    gen = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(case.q.shape, generator=gen).to(case.q.dtype)
+    grads = {}
+    for tiles in ("big", "small"):
+        if tiles == "small":
+            monkeypatch.setenv(SMALL_TILES_ENV, "1")
+        else:
+            monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
+        before = bwd_tile_launches()[tiles]
+        grads[tiles] = _gpu_grads(case, grad_out, deterministic=True)[2:]
+        assert bwd_tile_launches()[tiles] == before + 1
+    for name, big, small in zip(("dq", "dk", "dv"), grads["big"], grads["small"], strict=True):
+        assert torch.equal(big, small), f"{name}: the small tiles differ from the big ones"
+
+
+def test_small_tiles_switch_values(monkeypatch):
+    # Any value but unset, "" and "0" selects the small tiles; the switch is read at every call.
+    case = make_case([130, 7], heads_q=2, head_dim=64, dtype=torch.float16, limits="ism", seed=5)
+    for value, tiles in (("1", "small"), ("0", "big"), ("", "big"), ("yes", "small"), (None, "big")):
+        if value is None:
+            monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
+        else:
+            monkeypatch.setenv(SMALL_TILES_ENV, value)
+        before = bwd_tile_launches()
+        _run(case)
+        after = bwd_tile_launches()
+        assert after[tiles] == before[tiles] + 1, f"{SMALL_TILES_ENV}={value!r} did not run the {tiles} tiles"
+
+
+# Shared memory per block of the dK/dV kernel (csrc/cuda/bwd_kernel_traits.h), and the opt-in limit of
+# the 99 KiB GPUs (sm_86, sm_89, sm_120) and of sm_80 / sm_90.
+DKDV_SMEM = {64: {"big": 134432, "small": 83744}, 128: {"big": 149280, "small": 100112}}
+SMEM_99K, SMEM_SM80, SMEM_SM90 = 101376, 166912, 232448
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bwd_tiles_choice(head_dim):
+    choice = torch.ops.ism._cuda_bwd_tiles_choice
+    for limit in (SMEM_SM80, SMEM_SM90, DKDV_SMEM[head_dim]["big"]):
+        assert choice(head_dim, limit, False, "test GPU") == "big"
+    for limit in (SMEM_99K, SMEM_SM80, SMEM_SM90, DKDV_SMEM[head_dim]["small"]):
+        assert choice(head_dim, limit, True, "test GPU") == "small"
+    # Below the big tiles' need and without the switch: an error that names the device, both needs,
+    # the limit and the switch.
+    big, small = DKDV_SMEM[head_dim]["big"], DKDV_SMEM[head_dim]["small"]
+    with pytest.raises(RuntimeError) as err:
+        choice(head_dim, SMEM_99K, False, "NVIDIA L4 (compute capability 8.9)")
+    message = str(err.value)
+    for part in ("NVIDIA L4 (compute capability 8.9)", f"needs {big} bytes", f"allows {SMEM_99K}",
+                 f"small tiles need {small} bytes", f"{SMALL_TILES_ENV}=1", "not-yet-GPU-verified"):
+        assert part in message, f"{part!r} missing from: {message}"
+    assert choice(head_dim, big - 1, True, "test GPU") == "small"
+    with pytest.raises(RuntimeError, match="even its small tiles need"):
+        choice(head_dim, small - 1, False, "test GPU")
+    with pytest.raises(RuntimeError, match=f"{SMALL_TILES_ENV}=1 selects the small-tile backward.*needs {small}"):
+        choice(head_dim, small - 1, True, "test GPU")
+
+
+def test_bwd_tiles_choice_on_this_gpu(monkeypatch):
+    # The device's real limit: the big tiles where they fit (A100, H100, H200), else the error.
+    monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    case = make_case([70], heads_q=2, head_dim=128, dtype=torch.bfloat16, limits="causal", seed=1)
+    if limit >= DKDV_SMEM[128]["big"]:
+        before = bwd_tile_launches()["big"]
+        _run(case)
+        assert bwd_tile_launches()["big"] == before + 1
+    else:
+        with pytest.raises(RuntimeError, match=f"{SMALL_TILES_ENV}=1 enables"):
+            _run(case)

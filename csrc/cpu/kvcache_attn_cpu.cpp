@@ -67,8 +67,55 @@ void append(const KVCacheAttnParams& p) {
   });
 }
 
+// Row r of the query heads h0 .. h0 + group - 1 that share one K/V head, head-major: head h0 + r / seqlen,
+// position r % seqlen. Decode packs a GQA group into one tile this way, so the group reads each K/V tile
+// of the cache once instead of once per query head.
 template <typename T>
-void attend(const KVCacheAttnParams& p) {
+struct GroupedRows {
+  T* base;  // row 0 of head h0
+  int64_t row_stride, head_stride;
+  int seqlen;
+  T* operator()(int64_t r) const { return base + (r % seqlen) * row_stride + (r / seqlen) * head_stride; }
+};
+
+struct GroupScratch {
+  FwdScratch fwd;
+  std::vector<int32_t> limit;  // the rows' kv_limit, repeated for every head of the group
+  std::vector<float> lse;
+  explicit GroupScratch(int d_pad) : fwd(d_pad), limit(kTileQ), lse(kTileQ) {}
+};
+
+// One tile per (sequence, K/V head): the whole group's queries (group * seqlen_q <= kTileQ rows).
+template <typename T>
+void attend_grouped(const KVCacheAttnParams& p, int group) {
+  std::vector<WorkItem> items;
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * p.seqlen_q;
+    const int64_t cost = static_cast<int64_t>(group) * p.seqlen_q * *std::max_element(lim, lim + p.seqlen_q) + 1;
+    for (int h = 0; h < p.h_kv; ++h) items.push_back({b, h, 0, cost});
+  }
+  run_heavy_first(
+      items, [&p] { return GroupScratch(round_up_lanes(p.head_dim)); },
+      [&p, group](const WorkItem& item, GroupScratch& w) {
+        const int b = item.seq, h0 = item.head * group, lq = p.seqlen_q, m = group * lq;
+        const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * lq;
+        for (int r = 0; r < m; ++r) w.limit[r] = lim[r % lq];
+        const GroupedRows<const T> q{static_cast<const T*>(p.q) + b * p.q_batch_stride + h0 * p.q_head_stride,
+                                     p.q_row_stride, p.q_head_stride, lq};
+        const GroupedRows<T> out{static_cast<T*>(p.out) + b * p.out_batch_stride + h0 * p.out_head_stride,
+                                 p.out_row_stride, p.out_head_stride, lq};
+        with_cache_rows<T>(p, b, item.head, [&](auto k_rows, auto v_rows) {
+          attend_query_tile(q, m, w.limit.data(), *std::max_element(lim, lim + lq), k_rows, v_rows, p.head_dim,
+                            p.softmax_scale, out, w.lse.data(), w.fwd);
+        });
+        float* lse = p.lse + b * p.lse_batch_stride + h0 * p.lse_head_stride;
+        for (int r = 0; r < m; ++r) lse[(r / lq) * p.lse_head_stride + r % lq] = w.lse[r];
+      });
+}
+
+// One tile per (sequence, query head, kTileQ rows): new segments, and groups too tall for one tile.
+template <typename T>
+void attend_per_head(const KVCacheAttnParams& p) {
   const int q_tiles = (p.seqlen_q + kTileQ - 1) / kTileQ;
   std::vector<WorkItem> items;
   for (int b = 0; b < p.batch; ++b) {
@@ -94,6 +141,16 @@ void attend(const KVCacheAttnParams& p) {
                             p.head_dim, p.softmax_scale, strided_rows(out, p.out_row_stride), lse, w);
         });
       });
+}
+
+template <typename T>
+void attend(const KVCacheAttnParams& p) {
+  const int group = p.h_q / p.h_kv;
+  if (group > 1 && group * p.seqlen_q <= kTileQ) {
+    attend_grouped<T>(p, group);
+  } else {
+    attend_per_head<T>(p);
+  }
 }
 
 template <typename T>

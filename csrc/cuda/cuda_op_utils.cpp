@@ -2,15 +2,50 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
+#include <atomic>
+#include <sstream>
+
+#include "static_switch.h"
+
 namespace ism {
+namespace {
+
+// "a, b and c" of the supported values, in the order of static_switch.h.
+template <typename T, std::size_t N, typename Name>
+std::string listed(const T (&values)[N], Name name) {
+  std::ostringstream text;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (i > 0) text << (i + 1 == N ? " and " : ", ");
+    text << name(values[i]);
+  }
+  return text.str();
+}
+
+// The DType of a floating-point scalar type the params structs can carry, or none.
+std::optional<DType> float_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    default:
+      return std::nullopt;
+  }
+}
+
+}  // namespace
 
 void check_cuda_kernel_support(const char* op, const at::Tensor& q, int64_t head_dim,
                                std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-                   ": the CUDA kernel supports float16 and bfloat16 inputs, got ", q.scalar_type(),
+  const std::optional<DType> dtype = float_dtype(q.scalar_type());
+  TORCH_CHECK_TYPE(dtype.has_value() && cuda::is_kernel_dtype(*dtype), op, ": the CUDA kernel supports ",
+                   listed(cuda::kKernelDtypes, cuda::dtype_name), " inputs, got ", q.scalar_type(),
                    " (float32 runs on the CPU kernel)");
-  TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128, op,
-                    ": the CUDA kernel supports head_dim 64 and 128, got head_dim = ", head_dim);
+  TORCH_CHECK_VALUE(cuda::is_kernel_head_dim(head_dim), op, ": the CUDA kernel supports head_dim ",
+                    listed(cuda::kKernelHeadDims, [](int d) { return d; }), ", got head_dim = ", head_dim);
   if (max_seqlen_q.has_value()) {
     TORCH_CHECK_VALUE(*max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ", *max_seqlen_q);
   }
@@ -22,6 +57,34 @@ void check_cuda_kernel_support(const char* op, const at::Tensor& q, int64_t head
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
   TORCH_CHECK(cc_major >= 8, op, ": the CUDA kernel needs compute capability 8.0 or newer, got ", cc_major, ".",
               cc_minor);
+}
+
+int64_t smem_optin_bytes(int device) {
+  // 0 = not read yet. Devices past the table are read at every call (a cheap driver query).
+  static std::array<std::atomic<int>, 64> cache{};
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  if (cached) {
+    const int bytes = cache[device].load(std::memory_order_relaxed);
+    if (bytes > 0) return bytes;
+  }
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (cached) cache[device].store(bytes, std::memory_order_relaxed);
+  return bytes;
+}
+
+std::string device_description(int device) {
+  cudaDeviceProp prop{};
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  std::ostringstream text;
+  text << prop.name << " (compute capability " << prop.major << "." << prop.minor << ")";
+  return text.str();
+}
+
+void check_kernel_smem(const char* op, const char* kernel, int64_t bytes, int device) {
+  const int64_t limit = smem_optin_bytes(device);
+  TORCH_CHECK(bytes <= limit, op, ": the ", kernel, " needs ", bytes, " bytes of shared memory per block, but ",
+              device_description(device), " allows ", limit);
 }
 
 int64_t longest_sequence(const at::Tensor& cu_seqlens, int64_t batch, int64_t total, std::optional<int64_t> hint) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace ism {
 
@@ -34,10 +35,21 @@ inline at::Tensor vector_aligned_or_copy(const at::Tensor& t) {
   return vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// What the CUDA kernels support beyond check_attn_args: float16/bfloat16, head_dim 64 or 128, a
-// device of compute capability 8.0 or newer, non-negative max_seqlen hints.
+// What the CUDA kernels support beyond check_attn_args: the dtypes and head dims they are compiled
+// for (static_switch.h: float16/bfloat16, head_dim 64 or 128), a device of compute capability 8.0
+// or newer, non-negative max_seqlen hints.
 void check_cuda_kernel_support(const char* op, const at::Tensor& q, int64_t head_dim,
                                std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k);
+
+// The most dynamic shared memory one block of `device` may opt in to
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin), read from the driver once per device.
+int64_t smem_optin_bytes(int device);
+
+// "<name> (compute capability <major>.<minor>)" of `device`, for error messages.
+std::string device_description(int device);
+
+// Raises RuntimeError when `kernel` needs more shared memory per block than `device` allows.
+void check_kernel_smem(const char* op, const char* kernel, int64_t bytes, int device);
 
 // The longest sequence of a packed batch: the hint when given (capped at `total`, no sequence is
 // longer than all rows), else `total` for a single sequence, else read from cu_seqlens (one device

@@ -1,9 +1,11 @@
 // Compile-time shape of the CUDA forward kernel: tile sizes per head dim, register fragments per
-// warp, and the shared-memory layout with its XOR swizzle.
+// warp, and the shared-memory layout with its XOR swizzle; and the kernel's traits, the shape plus
+// the element type.
 //
-// Plain C++ (no CUDA types): ops_cuda.cpp includes it to size the grid check, the kernel files to
-// carve shared memory. The element type is a template argument only of the kernel, because tile
-// sizes depend on the head dim alone (bf16 and fp16 have the same width).
+// Plain C++ (no CUDA types): ops_cuda.cpp includes it to size the grid (launch_grids.h), the kernel
+// files to carve shared memory. The element type is a template argument of the traits only, because
+// tile sizes depend on the head dim alone (bf16 and fp16 have the same width); host code that needs
+// no element type uses the shape.
 #pragma once
 
 #include "swizzled_rows.h"
@@ -58,9 +60,10 @@ struct FwdTileShape : SwizzledRows<kHeadDim_, 4 * 32> {
   static constexpr int kSmemTileBytes = (kSmemV + 2 * kKVElems) * 2;
   // Then the clamped kv_limit of each row of the tile and the per-warp min/max of the reduction.
   static constexpr int kSmemLimitBytes = (kBlockM + 2 * kNWarps) * 4;
-  // The kernel rounds the dynamic shared memory base up to kSmemAlign bytes (its ldmatrix address
-  // stepping XORs absolute addresses), so the launch asks for that much slack.
-  static constexpr int kSmemAlign = 256;
+  // Plus the slack that rounding the base up to kSmemAlign takes (swizzled_rows.h):
+  //   d =  64: (128 * 64 + 4 * 64 * 64) * 2 + (128 + 8) * 4 + 256 = 49952 bytes
+  //   d = 128: (64 * 128 + 4 * 64 * 128) * 2 + (64 + 8) * 4 + 256 = 82464 bytes
+  // Both fit the 99 KiB (101376 bytes) that sm_86, sm_89 and sm_120 allow per block.
   static constexpr int kSmemBytes = kSmemTileBytes + kSmemLimitBytes + kSmemAlign;
 
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 row blocks");
@@ -74,10 +77,9 @@ struct FwdTileShape : SwizzledRows<kHeadDim_, 4 * 32> {
                 "every tile buffer starts kSmemAlign-aligned");
 };
 
-// Query tiles of the longest sequence: the grid's tile dimension.
-template <int kHeadDim>
-constexpr int num_query_tiles(int max_seqlen_q) {
-  return (max_seqlen_q + FwdTileShape<kHeadDim>::kBlockM - 1) / FwdTileShape<kHeadDim>::kBlockM;
-}
+template <int kHeadDim, typename Element_>
+struct FwdKernelTraits : FwdTileShape<kHeadDim> {
+  using Element = Element_;  // __nv_bfloat16 or __half in the kernel; unused on the host
+};
 
 }  // namespace ism::cuda

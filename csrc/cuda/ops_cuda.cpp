@@ -12,8 +12,9 @@
 //     clamps cu_seqlens into [0, total] and kv_limit into [0, seqlen_k], so bad values give wrong
 //     numbers but never an out-of-bounds access. A max_seqlen_q that is too small leaves the rows
 //     past it unwritten.
-//   - max_seqlen_q sizes the grid. When it is not given and there are several sequences, it is read
-//     from cu_seqlens_q: one device sync. Pass it to avoid the sync (and inside CUDA graph capture).
+//   - max_seqlen_q sizes the grid (launch_grids.h), which is checked here against the launch limit.
+//     When it is not given and there are several sequences, it is read from cu_seqlens_q: one device
+//     sync. Pass it to avoid the sync (and inside CUDA graph capture).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +25,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -32,23 +32,35 @@
 #include "../params_builder.h"
 #include "cuda_op_utils.h"
 #include "fwd_kernel_traits.h"
+#include "launch_grids.h"
 #include "segment_attn_fwd.h"
+#include "static_switch.h"
 
 namespace ism {
 namespace {
 
-int64_t query_tile_rows(int64_t head_dim) {
-  return head_dim == 64 ? cuda::FwdTileShape<64>::kBlockM : cuda::FwdTileShape<128>::kBlockM;
+struct FwdLaunch {
+  cuda::FwdGrid grid;
+  int64_t smem_bytes;
+};
+
+FwdLaunch fwd_launch_shape(const SegmentAttnFwdParams& p) {
+  FwdLaunch shape{};
+  cuda::dispatch_head_dim(p.head_dim, [&](auto head_dim) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    shape = {cuda::fwd_grid<kHeadDim>(p), cuda::FwdTileShape<kHeadDim>::kSmemBytes};
+  });
+  return shape;
 }
 
-cudaError_t launch(const SegmentAttnFwdParams& p, cudaStream_t stream) {
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) {
-    return bf16 ? cuda::run_segment_attn_fwd<DType::kBFloat16, 64>(p, stream)
-                : cuda::run_segment_attn_fwd<DType::kFloat16, 64>(p, stream);
-  }
-  return bf16 ? cuda::run_segment_attn_fwd<DType::kBFloat16, 128>(p, stream)
-              : cuda::run_segment_attn_fwd<DType::kFloat16, 128>(p, stream);
+cudaError_t launch(const SegmentAttnFwdParams& p, const cuda::FwdGrid& grid, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  const bool compiled = cuda::dispatch_kernel_config(p.dtype, p.head_dim, [&](auto config) {
+    using Config = decltype(config);
+    err = cuda::run_segment_attn_fwd<Config::kDtype, Config::kHeadDim>(p, grid, stream);
+  });
+  TORCH_INTERNAL_ASSERT(compiled, "no CUDA forward kernel for this dtype and head_dim");  // checked before
+  return err;
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -75,18 +87,18 @@ std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cuda(const at::Tensor& q, co
   const int64_t longest_q = longest_sequence(cu_q, s.batch, s.total_q, max_seqlen_q);
   const int64_t longest_k = max_seqlen_k.has_value() ? std::min(*max_seqlen_k, s.total_k) : s.total_k;
 
-  const int64_t tile_m = query_tile_rows(s.head_dim);
-  const int64_t blocks = (longest_q + tile_m - 1) / tile_m * s.h_q * s.batch;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks,
-                    " thread blocks (query tiles x heads x sequences) exceed one launch; split the batch");
-
   const at::Tensor qa = vector_aligned_or_copy(q), ka = vector_aligned_or_copy(k), va = vector_aligned_or_copy(v);
   const SegmentAttnFwdParams p =
       make_fwd_params(s, qa, ka, va, lim, cu_q, cu_k, longest_q, longest_k, softmax_scale, out, lse);
+  const FwdLaunch shape = fwd_launch_shape(p);
+  TORCH_CHECK_VALUE(shape.grid.blocks <= cuda::kMaxGridX, op, ": ", shape.grid.blocks,
+                    " thread blocks (query tiles x heads x sequences) exceed one launch; split the batch");
+  check_kernel_smem(op, "forward kernel", shape.smem_bytes, q.get_device());
+
   cudaError_t err;
   {
     const NvtxRange range(op);
-    err = launch(p, c10::cuda::getCurrentCUDAStream().stream());
+    err = launch(p, shape.grid, c10::cuda::getCurrentCUDAStream().stream());
   }
   C10_CUDA_CHECK(err);
   return {out, lse};

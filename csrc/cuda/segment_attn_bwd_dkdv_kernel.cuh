@@ -18,7 +18,8 @@
 //        dS^T = P^T (dP^T - delta[query])
 //        dK  += dS^T Q                      dS^T likewise
 //      and, unless dQ is left to the deterministic kernel:
-//        dS^T -> shared memory; dQ(step) = dS K by all 8 warps re-split over (rows, d);
+//        dS^T -> shared memory (its own tile, or the step's Q buffer once every warp is done with
+//        Q: Kt::kDsInQ); dQ(step) = dS K by all warps re-split over (rows, d);
 //        float2 atomics into the float32 dQ accumulator (scaled by softmax_scale).
 //   4. dK (scaled) and dV are staged through shared memory and written with 16-byte stores. Keys
 //      that no query sees get zero gradients.
@@ -37,15 +38,11 @@
 #include "bwd_kernel_traits.h"
 #include "mma_utils.cuh"
 #include "packed_rows.cuh"
+#include "smem_base.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
 
 namespace ism::cuda {
-
-template <int kHeadDim, typename Element_>
-struct BwdDkDvTraits : BwdDkDvShape<kHeadDim> {
-  using Element = Element_;
-};
 
 // The first query tile m of a sequence (of n_tiles) that sees the key tile starting at `key0` (its
 // largest kv_limit exceeds key0, tile_range.h), or n_tiles.
@@ -98,13 +95,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
   const int head0 = kv_head * group;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t smem_pad = (Kt::kSmemAlign - (smem_u32(smem_raw) % Kt::kSmemAlign)) % Kt::kSmemAlign;
-  unsigned char* smem = smem_raw + smem_pad;
+  unsigned char* smem = smem_raw + smem_align_pad(smem_u32(smem_raw));  // smem_base.cuh
   Element* sK = reinterpret_cast<Element*>(smem + Kt::kSmemK);
   Element* sV = reinterpret_cast<Element*>(smem + Kt::kSmemV);
   Element* sQ = reinterpret_cast<Element*>(smem + Kt::kSmemQ);
   Element* sDo = reinterpret_cast<Element*>(smem + Kt::kSmemDo);
-  Element* sDs = reinterpret_cast<Element*>(smem + Kt::kSmemDs);
+  Element* sDsTile = reinterpret_cast<Element*>(smem + Kt::kSmemDs);  // unless Kt::kDsInQ
   float* sLse = reinterpret_cast<float*>(smem + Kt::kSmemLse);
   float* sDelta = reinterpret_cast<float*>(smem + Kt::kSmemDelta);
   int* sLimit = reinterpret_cast<int*>(smem + Kt::kSmemLimit);
@@ -286,7 +282,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
 
     if constexpr (kAtomicDq) {
       // dS^T to shared memory ([key][query]); A fragment register i of step kk holds rows g (i even)
-      // or g + 8 (i odd) and query chunk 2 kk (i < 2) or 2 kk + 1.
+      // or g + 8 (i odd) and query chunk 2 kk (i < 2) or 2 kk + 1. In the Q buffer (kDsInQ) only
+      // once every warp is done with Q; the barrier at the top of the next step keeps it until the
+      // dQ product has read it, before the buffer takes the copies of step + 2.
+      Element* sDs = Kt::kDsInQ ? sQ + buf * (kBlockM * kHeadDim) : sDsTile;
+      if constexpr (Kt::kDsInQ) __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < kQSteps; ++kk) {
 #pragma unroll
@@ -297,40 +297,47 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
       }
       __syncthreads();
       // dQ(step) = dS K over the tile's kBlockN keys: warp (wm, wd) owns query rows [16 wm, 16 wm + 16)
-      // and d columns [kDqCols wd, kDqCols (wd + 1)). A = dS from the [key][query] tile (.trans,
-      // chunks first), B = K as [key][d] = [k][n] (.trans, rows first).
+      // and d columns [kDqCols wd, kDqCols (wd + 1)), in passes of kDqPassCols columns: a single pass
+      // but in the small d = 128 tiles, where a warp owns all 128 columns and 64 floats of dQ at once
+      // spilled. A = dS from the [key][query] tile (.trans, chunks first), B = K as [key][d] = [k][n]
+      // (.trans, rows first).
       const int wm = warp % Kt::kDqWarpsM, wd = warp / Kt::kDqWarpsM;
-      float dq[Kt::kDqTiles][4];
-#pragma unroll
-      for (int dt = 0; dt < Kt::kDqTiles; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
       const uint32_t ds_lane = (smem_u32(sDs) + ldmatrix_lane_chunks_first<DsRows::kRowBytes>(lane)) ^
                                DsRows::chunk_pair_xor(wm);
-#pragma unroll
-      for (int ks = 0; ks < Kt::kKeySteps; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4_trans(a, ds_lane + ks * 16 * DsRows::kRowBytes);
-#pragma unroll
-        for (int dp = 0; dp < Kt::kDqTiles / 2; ++dp) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, ((sK_addr + lane_rows_first) ^ KvRows::chunk_pair_xor(wd * (Kt::kDqTiles / 2) + dp)) +
-                                   ks * 16 * kRowBytes);
-          mma_m16n8k16<Element>(dq[2 * dp], a, b[0], b[1]);
-          mma_m16n8k16<Element>(dq[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
       const int rows = min(kBlockM, seqlen_q - m * kBlockM);
       const int64_t acc_row_stride = static_cast<int64_t>(p.h_q) * kHeadDim;
-      float* acc = p.dq_accum + static_cast<int64_t>(q_begin + m * kBlockM) * acc_row_stride +
-                   static_cast<int64_t>(head0 + j) * kHeadDim + wd * Kt::kDqCols + 2 * t4;
       const int r = wm * 16 + g;
       const float scale = p.softmax_scale;
 #pragma unroll
-      for (int dt = 0; dt < Kt::kDqTiles; ++dt) {
-        if (r < rows) atomic_add_float2(acc + r * acc_row_stride + dt * 8, dq[dt][0] * scale, dq[dt][1] * scale);
-        if (r + 8 < rows) {
-          atomic_add_float2(acc + (r + 8) * acc_row_stride + dt * 8, dq[dt][2] * scale, dq[dt][3] * scale);
+      for (int pass = 0; pass < Kt::kDqPasses; ++pass) {
+        constexpr int kPassTiles = Kt::kDqPassCols / 8;
+        const int pair0 = wd * (Kt::kDqTiles / 2) + pass * (kPassTiles / 2);  // the pass's first chunk pair
+        float dq[kPassTiles][4];
+#pragma unroll
+        for (int dt = 0; dt < kPassTiles; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < Kt::kKeySteps; ++ks) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, ds_lane + ks * 16 * DsRows::kRowBytes);
+#pragma unroll
+          for (int dp = 0; dp < kPassTiles / 2; ++dp) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, ((sK_addr + lane_rows_first) ^ KvRows::chunk_pair_xor(pair0 + dp)) +
+                                     ks * 16 * kRowBytes);
+            mma_m16n8k16<Element>(dq[2 * dp], a, b[0], b[1]);
+            mma_m16n8k16<Element>(dq[2 * dp + 1], a, b[2], b[3]);
+          }
+        }
+        float* acc = p.dq_accum + static_cast<int64_t>(q_begin + m * kBlockM) * acc_row_stride +
+                     static_cast<int64_t>(head0 + j) * kHeadDim + wd * Kt::kDqCols + pass * Kt::kDqPassCols + 2 * t4;
+#pragma unroll
+        for (int dt = 0; dt < kPassTiles; ++dt) {
+          if (r < rows) atomic_add_float2(acc + r * acc_row_stride + dt * 8, dq[dt][0] * scale, dq[dt][1] * scale);
+          if (r + 8 < rows) {
+            atomic_add_float2(acc + (r + 8) * acc_row_stride + dt * 8, dq[dt][2] * scale, dq[dt][3] * scale);
+          }
         }
       }
     }

@@ -12,55 +12,39 @@
 // softmax_scale, staged through shared memory and written with 16-byte stores.
 #pragma once
 
-#include <climits>
 #include <cstdint>
 
 #include "../ism_params.h"
 #include "../tile_range.h"
-#include "block_reduce.cuh"
 #include "bwd_kernel_traits.h"
+#include "kv_tile_pipeline.cuh"
 #include "mma_utils.cuh"
-#include "packed_rows.cuh"
+#include "query_tile_prologue.cuh"
+#include "smem_base.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
 
 namespace ism::cuda {
-
-template <int kHeadDim, typename Element_>
-struct BwdDqTraits : BwdDqShape<kHeadDim> {
-  using Element = Element_;
-};
 
 template <typename Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(const SegmentAttnBwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename Kt::Element;
   using Rows = typename Kt::Rows;
-  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kSTiles = Kt::kSTiles, kDTiles = Kt::kDTiles, kNWarps = Kt::kNWarps;
   constexpr int kRowBytes = Rows::kRowBytes;
   constexpr float kLog2e = 1.4426950408889634f;
 
-  // ---- 1. Which tile: the last query tiles (which see the most keys under the usual layouts) first.
-  const int heads_x_batch = p.h_q * p.batch;
-  const int m_tiles = (p.max_seqlen_q + kBlockM - 1) / kBlockM;
-  const int m_tile = m_tiles - 1 - static_cast<int>(blockIdx.x) / heads_x_batch;
-  const int rest = static_cast<int>(blockIdx.x) % heads_x_batch;
-  const int head = rest % p.h_q;
-  const int seq = rest / p.h_q;
-  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
-  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
-  const int tile_row0 = m_tile * kBlockM;
-  if (tile_row0 >= seqlen_q) return;
-  const int rows = min(kBlockM, seqlen_q - tile_row0);
-  const int q_row0 = q_begin + tile_row0;
-  const SeqRows k_seq = sequence_rows(p.cu_seqlens_k, seq, p.total_k);
-  const int k_begin = k_seq.begin, seqlen_k = k_seq.len;
-  const int kv_head = head / (p.h_q / p.h_kv);
+  // ---- 1. Which tile (query_tile_prologue.cuh: the last query tiles, which see the most keys under
+  // the usual layouts, first).
+  const QueryTilePos pos = query_tile_pos<kBlockM>(p);
+  if (pos.past_end()) return;
+  const QueryTile tile = query_tile_at<kBlockM>(p, pos);
+  const int head = tile.head, q_row0 = tile.q_row0, rows = tile.rows;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t smem_pad = (Kt::kSmemAlign - (smem_u32(smem_raw) % Kt::kSmemAlign)) % Kt::kSmemAlign;
-  unsigned char* smem = smem_raw + smem_pad;
+  unsigned char* smem = smem_raw + smem_align_pad(smem_u32(smem_raw));  // smem_base.cuh
   Element* sQ = reinterpret_cast<Element*>(smem + Kt::kSmemQ);
   Element* sDo = reinterpret_cast<Element*>(smem + Kt::kSmemDo);
   Element* sK = reinterpret_cast<Element*>(smem + Kt::kSmemK);
@@ -86,33 +70,17 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
                                      copy_lane.gmem_offset(p.dout_row_stride),
                                  p.dout_row_stride, rows, do_base);
   cp_async_commit();
-
-  int lo = INT_MAX, hi = 0;
-  if (tid < kBlockM) {
-    int lim = 0;  // rows past the end: limit 0, outside the min/max
-    if (tid < rows) {
-      lim = clamp_int(p.kv_limit[q_row0 + tid], 0, seqlen_k);
-      lo = hi = lim;
-    }
-    sLimit[tid] = lim;
-  }
-  // The barrier inside also publishes sLimit to every warp.
-  const int2 limit_bounds = block_min_max<kNWarps>(lo, hi, sReduce);
+  const int2 limit_bounds = load_row_limits<kBlockM, kNWarps>(p.kv_limit, tile, sLimit, sReduce);
   const int min_limit = limit_bounds.x, max_limit = limit_bounds.y;
   const int n_key_tiles = key_tiles_to_visit(max_limit, kBlockN);
 
-  const Element* k_base = static_cast<const Element*>(p.k);
-  const Element* v_base = static_cast<const Element*>(p.v);
-  const Element* k_src = k_base + static_cast<int64_t>(k_begin) * p.k_row_stride +
-                         static_cast<int64_t>(kv_head) * p.k_head_stride + copy_lane.gmem_offset(p.k_row_stride);
-  const Element* v_src = v_base + static_cast<int64_t>(k_begin) * p.v_row_stride +
-                         static_cast<int64_t>(kv_head) * p.v_head_stride + copy_lane.gmem_offset(p.v_row_stride);
-  if (n_key_tiles > 0) {
-    const int valid = min(kBlockN, max_limit);
-    load_tile_async<Rows, kBlockN>(sK, copy_lane, k_src, p.k_row_stride, valid, k_base);
-    load_tile_async<Rows, kBlockN>(sV, copy_lane, v_src, p.v_row_stride, valid, v_base);
-  }
-  cp_async_commit();
+  // First K/V tile in flight while Q and dO move to registers (kv_tile_pipeline.cuh).
+  const Element* k_rows = static_cast<const Element*>(p.k) + static_cast<int64_t>(tile.k_begin) * p.k_row_stride +
+                          static_cast<int64_t>(tile.kv_head) * p.k_head_stride;
+  const Element* v_rows = static_cast<const Element*>(p.v) + static_cast<int64_t>(tile.k_begin) * p.v_row_stride +
+                          static_cast<int64_t>(tile.kv_head) * p.v_head_stride;
+  KvTilePipeline<Rows, kBlockN, Element> kv(sK, sV, k_rows, v_rows, p, copy_lane);
+  kv.start(p, copy_lane, max_limit, n_key_tiles);
 
   // ---- 3. Q and dO to registers; this thread's rows' limit, lse (log2 domain) and delta.
   cp_async_wait<1>();
@@ -153,18 +121,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
   for (int kt = 0; kt < n_key_tiles; ++kt) {
     const int buf = kt % 2;
     const int k0 = kt * kBlockN;
-    cp_async_wait<0>();
+    cp_async_wait<0>();  // as in the forward (kv_tile_pipeline.cuh)
     __syncthreads();
-    if (kt + 1 < n_key_tiles) {
-      const int valid = min(kBlockN, max_limit - (k0 + kBlockN));
-      k_src += kBlockN * p.k_row_stride;
-      v_src += kBlockN * p.v_row_stride;
-      load_tile_async<Rows, kBlockN>(sK + (buf ^ 1) * (kBlockN * kHeadDim), copy_lane, k_src, p.k_row_stride, valid,
-                                     k_base);
-      load_tile_async<Rows, kBlockN>(sV + (buf ^ 1) * (kBlockN * kHeadDim), copy_lane, v_src, p.v_row_stride, valid,
-                                     v_base);
-      cp_async_commit();
-    }
+    if (kt + 1 < n_key_tiles) kv.load_next(buf, k0, max_limit, p, copy_lane);
     const uint32_t k_addr = sK_addr + buf * (kBlockN * kRowBytes);
     const uint32_t v_addr = sV_addr + buf * (kBlockN * kRowBytes);
 

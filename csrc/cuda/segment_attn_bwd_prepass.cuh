@@ -1,4 +1,5 @@
-// Pre-pass of the CUDA backward: one thread block per (query tile, sequence, query head).
+// Pre-pass of the CUDA backward: one thread block per (query tile, sequence, query head), with the
+// query tiles (kBlockM rows) of the dK/dV kernel that reads its bounds.
 //
 //   delta[h][r] = rowsum(dout[r, h] * out[r, h]) - dlse[h][r]   (float32, [h_q, total_q])
 //
@@ -14,7 +15,6 @@
 
 #include "../ism_params.h"
 #include "block_reduce.cuh"
-#include "bwd_kernel_traits.h"
 #include "mma_utils.cuh"
 #include "packed_rows.cuh"
 
@@ -22,9 +22,8 @@ namespace ism::cuda {
 
 constexpr int kPrepassThreads = 256;
 
-template <int kHeadDim, typename Element>
+template <int kHeadDim, typename Element, int kBlockM>
 __global__ void __launch_bounds__(kPrepassThreads) segment_attn_bwd_prepass_kernel(const SegmentAttnBwdParams p) {
-  constexpr int kBlockM = bwd_query_tile_rows<kHeadDim>();
   constexpr int kChunks = kHeadDim / 8;  // lanes per row, 8 elements (16 bytes) each
   constexpr int kRowsPerPass = kPrepassThreads / kChunks;
   static_assert(kBlockM % kRowsPerPass == 0 && kBlockM <= kPrepassThreads, "whole passes, one thread per row");

@@ -5,8 +5,9 @@
 namespace ism::cuda {
 
 template <>
-cudaError_t run_segment_attn_fwd<DType::kFloat16, 64>(const SegmentAttnFwdParams& params, cudaStream_t stream) {
-  return launch_segment_attn_fwd<64, __half>(params, stream);
+cudaError_t run_segment_attn_fwd<DType::kFloat16, 64>(const SegmentAttnFwdParams& params, const FwdGrid& grid,
+                                                    cudaStream_t stream) {
+  return launch_segment_attn_fwd<64, __half>(params, grid, stream);
 }
 
 }  // namespace ism::cuda

@@ -23,107 +23,66 @@
 
 #include "../ism_params.h"
 #include "../tile_range.h"
-#include "block_reduce.cuh"
 #include "fwd_kernel_traits.h"
+#include "kv_tile_pipeline.cuh"
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
-#include "packed_rows.cuh"
+#include "query_tile_prologue.cuh"
+#include "smem_base.cuh"
 #include "tile_io.cuh"
+#include "warp_mma.cuh"
 
 namespace ism::cuda {
-
-template <int kHeadDim, typename Element_>
-struct FwdKernelTraits : FwdTileShape<kHeadDim> {
-  using Element = Element_;
-};
-
 
 template <typename Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const SegmentAttnFwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename Kt::Element;
-  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  using Rows = typename Kt::Rows;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kMTiles = Kt::kMTiles, kSTiles = Kt::kSTiles, kOTiles = Kt::kOTiles;
   constexpr int kNWarps = Kt::kNWarps;
 
-  // ---- 1. Which tile. A 1-D grid ordered tile-major: all (head, sequence) pairs of the last query
-  // tile first. Under ISM, MAS and causal layouts the last tiles of a sequence see the most keys,
-  // so the heaviest blocks start first and the light ones fill the tail of the grid. Heads vary
-  // fastest, so the query heads that share one K/V head (GQA) run side by side and share it in L2.
-  const int heads_x_batch = p.h_q * p.batch;
-  const int m_tiles = num_query_tiles<kHeadDim>(p.max_seqlen_q);
-  const int m_tile = m_tiles - 1 - static_cast<int>(blockIdx.x) / heads_x_batch;
-  const int rest = static_cast<int>(blockIdx.x) % heads_x_batch;
-  const int head = rest % p.h_q;
-  const int seq = rest / p.h_q;
-
-  const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
-  const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
-  const int tile_row0 = m_tile * kBlockM;  // first row of the tile, counted within the sequence
-  if (tile_row0 >= seqlen_q) return;       // the grid is sized by the longest sequence
-  const SeqRows k_seq = sequence_rows(p.cu_seqlens_k, seq, p.total_k);
-  const int k_begin = k_seq.begin, seqlen_k = k_seq.len;
-  const int rows = min(kBlockM, seqlen_q - tile_row0);
-  const int q_row0 = q_begin + tile_row0;  // first packed row of the tile
-  const int kv_head = head / (p.h_q / p.h_kv);
+  // ---- 1. Which tile (query_tile_prologue.cuh: the heaviest tiles first).
+  const QueryTilePos pos = query_tile_pos<kBlockM>(p);
+  if (pos.past_end()) return;
+  const QueryTile tile = query_tile_at<kBlockM>(p, pos);
+  const int head = tile.head, q_row0 = tile.q_row0, rows = tile.rows;
 
   const Element* q_ptr = static_cast<const Element*>(p.q) + static_cast<int64_t>(q_row0) * p.q_row_stride +
                          static_cast<int64_t>(head) * p.q_head_stride;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + static_cast<int64_t>(k_begin) * p.k_row_stride +
-                         static_cast<int64_t>(kv_head) * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + static_cast<int64_t>(k_begin) * p.v_row_stride +
-                         static_cast<int64_t>(kv_head) * p.v_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(p.k) + static_cast<int64_t>(tile.k_begin) * p.k_row_stride +
+                         static_cast<int64_t>(tile.kv_head) * p.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(p.v) + static_cast<int64_t>(tile.k_begin) * p.v_row_stride +
+                         static_cast<int64_t>(tile.kv_head) * p.v_head_stride;
 
-  // The ldmatrix addresses of the key loop step through the d chunks by XOR-ing the absolute shared
-  // address (see below), which needs the tiles 256-byte aligned; the launch reserves kSmemAlign
-  // extra bytes so the base can be rounded up whatever alignment the runtime gives.
+  // The tiles are kSmemAlign-aligned (smem_base.cuh): the ldmatrix addresses of the key loop step
+  // through the d chunks by XOR-ing the absolute shared address (see below).
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t smem_pad = (Kt::kSmemAlign - (smem_u32(smem_raw) % Kt::kSmemAlign)) % Kt::kSmemAlign;
+  const uint32_t smem_pad = smem_align_pad(smem_u32(smem_raw));
   Element* smem = reinterpret_cast<Element*>(smem_raw + smem_pad);
   Element* sQ = smem + Kt::kSmemQ;
   Element* sK = smem + Kt::kSmemK;
   Element* sV = smem + Kt::kSmemV;
   int* sLimit = reinterpret_cast<int*>(smem_raw + smem_pad + Kt::kSmemTileBytes);  // [kBlockM]
-  int* sReduce = sLimit + kBlockM;                                       // [2 * kNWarps]
+  int* sReduce = sLimit + kBlockM;                                                  // [2 * kNWarps]
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
 
-  // ---- 2. Q tile in flight; meanwhile the limits of its rows.
-  const TileCopyLane<Kt> copy_lane(tid);
-  load_tile_async<Kt, kBlockM>(sQ, copy_lane, q_ptr + copy_lane.gmem_offset(p.q_row_stride), p.q_row_stride, rows,
-                               static_cast<const Element*>(p.q));
+  // ---- 2. Q tile in flight; meanwhile the limits of its rows and their min/max.
+  const TileCopyLane<Rows> copy_lane(tid);
+  load_tile_async<Rows, kBlockM>(sQ, copy_lane, q_ptr + copy_lane.gmem_offset(p.q_row_stride), p.q_row_stride, rows,
+                                 static_cast<const Element*>(p.q));
   cp_async_commit();
 
-  int lo = INT32_MAX, hi = 0;
-  if (tid < kBlockM) {
-    // Rows past the sequence's end get limit 0: they are computed (on zero-filled Q) but never
-    // stored, and they do not take part in the tile's min/max.
-    int lim = 0;
-    if (tid < rows) {
-      lim = clamp_int(p.kv_limit[q_row0 + tid], 0, seqlen_k);
-      lo = hi = lim;
-    }
-    sLimit[tid] = lim;
-  }
-  // The barrier inside also publishes sLimit to every warp.
-  const int2 limit_bounds = block_min_max<kNWarps>(lo, hi, sReduce);
+  const int2 limit_bounds = load_row_limits<kBlockM, kNWarps>(p.kv_limit, tile, sLimit, sReduce);
   const int min_limit = limit_bounds.x, max_limit = limit_bounds.y;
   const int n_key_tiles = key_tiles_to_visit(max_limit, kBlockN);
 
-  // First K/V tile in flight while Q moves to registers. Keys at or past max_limit are invisible to
-  // every row: zero-filled, never read. An empty group is committed when there is no tile, so the
-  // wait counts below are the same in both cases.
-  // k_src/v_src: this thread's first chunk of the next key tile to load, advanced one tile at a
-  // time (two running pointers instead of per-pass 64-bit offsets kept across the loop).
-  const Element* k_src = k_ptr + copy_lane.gmem_offset(p.k_row_stride);
-  const Element* v_src = v_ptr + copy_lane.gmem_offset(p.v_row_stride);
-  if (n_key_tiles > 0) {
-    const int valid = min(kBlockN, max_limit);
-    load_tile_async<Kt, kBlockN>(sK, copy_lane, k_src, p.k_row_stride, valid, static_cast<const Element*>(p.k));
-    load_tile_async<Kt, kBlockN>(sV, copy_lane, v_src, p.v_row_stride, valid, static_cast<const Element*>(p.v));
-  }
-  cp_async_commit();
+  // First K/V tile in flight while Q moves to registers (kv_tile_pipeline.cuh).
+  KvTilePipeline<Rows, kBlockN, Element> kv(sK, sV, k_ptr, v_ptr, p, copy_lane);
+  kv.start(p, copy_lane, max_limit, n_key_tiles);
 
   // ---- 3. Q to registers (this warp's rows only), and this thread's row limits.
   cp_async_wait<1>();  // the Q group is complete (the K/V group may still be in flight)
@@ -198,44 +157,13 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
     // done with tile kt - 1, so its buffer can take tile kt + 1.
     cp_async_wait<0>();
     __syncthreads();
-    if (kt + 1 < n_key_tiles) {
-      const int valid = min(kBlockN, max_limit - (k0 + kBlockN));
-      k_src += kBlockN * p.k_row_stride;
-      v_src += kBlockN * p.v_row_stride;
-      load_tile_async<Kt, kBlockN>(sK + (buf ^ 1) * Kt::kKVElems, copy_lane, k_src, p.k_row_stride, valid,
-                                   static_cast<const Element*>(p.k));
-      load_tile_async<Kt, kBlockN>(sV + (buf ^ 1) * Kt::kKVElems, copy_lane, v_src, p.v_row_stride, valid,
-                                   static_cast<const Element*>(p.v));
-      cp_async_commit();
-    }
+    if (kt + 1 < n_key_tiles) kv.load_next(buf, k0, max_limit, p, copy_lane);
     const uint32_t k_base = sK_addr + buf * (Kt::kKVElems * 2) + k_lane;
     const uint32_t v_base = sV_addr + buf * (Kt::kKVElems * 2) + v_lane;
 
-    // S = Q K^T. K is [key][d] in shared memory, which is exactly the column-major B operand of
-    // m16n8k16 (B[k = d][n = key]), so a plain ldmatrix gives it. One x4 covers 16 keys x 16 d:
-    // matrix 0 = keys 0-7 / d 0-7 (b0 of n-tile 2np), 1 = keys 0-7 / d 8-15 (b1 of 2np),
-    // 2 = keys 8-15 / d 0-7 (b0 of 2np+1), 3 = keys 8-15 / d 8-15 (b1 of 2np+1).
+    // S = Q K^T (warp_mma.cuh), K by plain ldmatrix.
     float s[kMTiles][kSTiles][4];
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-      for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Kt::kQKSteps; ++kk) {
-      const uint32_t k_addr = k_base ^ Kt::chunk_pair_xor(kk);
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, k_addr + np * 16 * Kt::kRowBytes);
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-          mma_m16n8k16<Element>(s[mi][2 * np], q_frag[mi][kk], b[0], b[1]);
-          mma_m16n8k16<Element>(s[mi][2 * np + 1], q_frag[mi][kk], b[2], b[3]);
-        }
-      }
-    }
+    warp_mma_regs_by_rows_t<Element, Rows>(s, q_frag, k_base);
 
     // The mask, only on tiles some row cannot see entirely (block-uniform branch). Element e of
     // n-tile nt is row g + 8 * (e / 2), key k0 + 8 nt + 2 t4 + e % 2. Keys past the tile's valid

@@ -8,6 +8,12 @@
 
 namespace ism::cuda {
 
+// Alignment of every kernel's shared-memory tiles, in bytes. The ldmatrix addresses step through the
+// d chunks of a row by XOR-ing the absolute shared address (chunk_pair_xor below), which needs each
+// tile to start on a 256-byte boundary. The runtime promises less for dynamic shared memory, so every
+// kernel rounds its base up (smem_base.cuh) and every traits set asks for kSmemAlign bytes of slack.
+inline constexpr int kSmemAlign = 256;
+
 // A row-major tile of 16-bit elements whose rows are kCols elements (kChunks = kCols / 8 chunks of
 // 16 bytes). kNThreads is the number of threads that copy such a tile together (tile_io.cuh).
 template <int kCols_, int kNThreads_>
@@ -26,7 +32,7 @@ struct SwizzledRows {
   // The XOR that moves an ldmatrix row address from 16-byte chunk pair 0 to chunk pair `pair`
   // (chunks 2 pair, 2 pair + 1) when the address was formed for pair 0: chunk c ^ (row & 7) with
   // c = 2 pair + b (b in {0, 1}) equals (b ^ (row & 7)) ^ (2 pair), and the chunk sits in address
-  // bits 4 and up of a tile aligned to 256 bytes (the kernels' kSmemAlign).
+  // bits 4 and up of a tile aligned to kSmemAlign (256) bytes.
   ISM_HOST_DEVICE static constexpr int chunk_pair_xor(int pair) { return pair << 5; }
 
   static_assert(kCols % 64 == 0, "the swizzle needs at least 8 chunks (128 bytes) per row");

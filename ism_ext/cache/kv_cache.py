@@ -101,9 +101,11 @@ class KVCache:
         shape = ((batch_size, capacity) if self.page_size is None else (self.num_pages, self.page_size))
         shape = (*shape, num_kv_heads, head_dim)
         # zeros rather than empty: unused slots are never read, but deterministic bytes make dumps and
-        # byte-level comparisons in tests meaningful.
-        self._k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # byte-level comparisons in tests meaningful. Normal tensors even when built under inference mode
+        # (a chat creates its cache there): they are written in place later, possibly outside it.
+        with torch.inference_mode(False):
+            self._k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # The concrete device of the storage ("cuda" -> "cuda:0"), so device checks compare like with like.
         self.device = self._k[0].device
         self._lengths: list[list[int]] = [[0] * batch_size for _ in range(num_layers)]

@@ -29,7 +29,8 @@ class PagedAllocator:
         self.batch_size, self.max_pages, self.num_pages, self.page_size = batch_size, max_pages, num_pages, page_size
         # Host mirror of the block table (-1 = no page): allocation decisions never read the device.
         self._table: list[list[int]] = [[-1] * max_pages for _ in range(batch_size)]
-        self.block_table = torch.full((batch_size, max_pages), -1, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # written in place later, inside inference mode or not
+            self.block_table = torch.full((batch_size, max_pages), -1, dtype=torch.int32, device=device)
         self._refcount = [0] * num_pages
         # Popped from the end: pages are handed out in increasing order, which keeps dumps readable.
         self._free = list(range(num_pages - 1, -1, -1))

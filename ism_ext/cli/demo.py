@@ -25,6 +25,7 @@ QUESTIONS = [
     "Give me one famous landmark in each.",
 ]
 SYSTEM = "You are a concise, helpful assistant."
+TTFT_REPEATS = 5  # each round's time to first token is the median of this many runs after a warm-up
 
 
 def run(out_dir: pathlib.Path, max_new_tokens: int) -> None:
@@ -43,11 +44,12 @@ def run(out_dir: pathlib.Path, max_new_tokens: int) -> None:
         session = ChatSession(model, tokenizer, scheme, system=SYSTEM, max_new_tokens=max_new_tokens)
         for question in QUESTIONS:
             print(f"user: {question}\nassistant: ", end="", flush=True)
-            session.send(question, stream=lambda piece: print(piece, end="", flush=True))
+            session.send(question, stream=lambda piece: print(piece, end="", flush=True), ttft_repeats=TTFT_REPEATS)
             print()
         results[scheme] = session
 
-    print("\nTime to first token per round (ms); 'new' = tokens prefilled this round, 'cache' = tokens after it")
+    print(f"\nTime to first token per round (ms, median of {TTFT_REPEATS} runs after a warm-up); 'new' = tokens "
+          f"prefilled this round, 'cache' = tokens after it")
     print(f"{'round':>5} | {'ISM reuse':>10} {'new':>5} | {'prefix-LM recompute':>19} {'new':>5} | "
           f"{'causal reuse':>12} {'new':>5} | {'cache':>5}")
     for k in range(len(QUESTIONS)):

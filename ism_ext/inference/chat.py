@@ -21,6 +21,7 @@ compare against). The model must use `attn_implementation="ism"` (`ism_ext.integ
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,18 @@ class _RoundClock(BaseStreamer):
 
     def end(self) -> None:
         """Nothing to flush: pieces are streamed as they come."""
+
+
+@dataclass
+class _RoundPrompt:
+    """A round's prompt: the history it extends, the new tokens and block ids, and what the dialogue becomes."""
+
+    history: _Dialogue
+    ids: list[int]
+    blocks: list[int]
+    text: str
+    turns: list[tuple[str, int]]
+    next_block: int
 
 
 @dataclass
@@ -153,24 +166,29 @@ class ChatSession:
 
     # -- a round -----------------------------------------------------------------------------------------------
 
-    def _prompt_for_round(self) -> tuple[list[int], list[int]]:
-        """Token ids (and block ids) to prefill this round: what the renderer gives after the cached text."""
+    def _round_prompt(self) -> _RoundPrompt:
+        """What this round prefills: the renderer's tokens after the cached text (the whole prompt for prefix_lm)."""
         rendered = render_dialogue(self.tokenizer, self.messages, add_generation_prompt=True)
-        if self.scheme == "prefix_lm":  # the whole prompt is one bidirectional block: recompute all of it
-            self.dialogue, self._next_block = _Dialogue(), 0
-            if self.cache is not None:
-                self.cache.reset()
-        if not rendered.text.startswith(self.dialogue.text):
+        history = _Dialogue() if self.scheme == "prefix_lm" else self.dialogue
+        next_block = 0 if self.scheme == "prefix_lm" else self._next_block
+        if not rendered.text.startswith(history.text):
             raise ValueError("the chat template does not render the new round as an extension of the previous one, "
                              "so the cached history cannot be reused")
-        new = tokenize_rendered(self.tokenizer, rendered, self.scheme, start=len(self.dialogue.text))
+        new = tokenize_rendered(self.tokenizer, rendered, self.scheme, start=len(history.text))
         segment = new.block_sequence_ids
-        blocks = torch.where(segment >= 0, segment + self._next_block, segment)
+        blocks = torch.where(segment >= 0, segment + next_block, segment)
         if segment.numel() and int(segment.max()) >= 0:
-            self._next_block += int(segment.max()) + 1
-        self.dialogue.text = rendered.text
-        self.dialogue.turns += new.turns
-        return new.input_ids.tolist(), blocks.tolist()
+            next_block += int(segment.max()) + 1
+        return _RoundPrompt(history, new.input_ids.tolist(), blocks.tolist(), rendered.text, new.turns, next_block)
+
+    def _start_round(self, prompt: _RoundPrompt) -> None:
+        """The dialogue now holds the round's prompt; prefix_lm starts from an empty cache."""
+        if self.scheme == "prefix_lm" and self.cache is not None:
+            self.cache.reset()
+        self.dialogue = _copy(prompt.history)
+        self.dialogue.text = prompt.text
+        self.dialogue.turns += prompt.turns
+        self._next_block = prompt.next_block
 
     def _generation_config(self, temperature: float, top_p: float):
         from transformers import GenerationConfig
@@ -218,32 +236,56 @@ class ChatSession:
         top_p: float = 1.0,
         seed: int | None = None,
         stream: Callable[[str], None] | None = None,
+        ttft_repeats: int = 0,
     ) -> str:
         """Adds a user turn, generates the answer (greedy when temperature is 0), returns its text.
 
         `stream`, if given, is called with each new piece of the answer's text as soon as it is decoded.
-        `seed` makes sampling reproducible (the global random state is left as it was).
+        `seed` makes sampling reproducible (the global random state is left as it was). With `ttft_repeats`
+        > 0 the round's time to first token is the median of that many runs of its prefill and first token
+        (after one warm-up run; each run is undone by truncating the cache), not the single sample of the round.
         """
         self._round_starts.append(_RoundStart(self.cache_tokens, _copy(self.dialogue), len(self.messages),
                                               self._next_block))
         self.messages.append({"role": "user", "content": user_text})
         with torch.inference_mode():
+            prompt = self._round_prompt()
+            ttft = self._median_ttft(prompt, ttft_repeats) if ttft_repeats > 0 else None
             clock = _RoundClock(self.tokenizer, self.stop_ids, stream)
-            prompt_ids, prompt_blocks = self._prompt_for_round()
-            ids, blocks = self.dialogue.ids + prompt_ids, self.dialogue.block_ids + prompt_blocks
+            self._start_round(prompt)
+            ids, blocks = prompt.history.ids + prompt.ids, prompt.history.block_ids + prompt.blocks
             out = self._generate(ids, blocks, temperature, top_p, seed, clock)
             answer = out.sequences[0, len(ids):].tolist()
             self._cache_last_token(answer[-1])
-        self._record(out, ids, prompt_ids, prompt_blocks, answer, clock)
+        self._record(out, ids, prompt, answer, clock, ttft)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": text})
         return text
 
-    def _record(self, out, ids: list[int], prompt_ids: list[int], prompt_blocks: list[int], answer: list[int],
-                clock: _RoundClock) -> None:
+    def _median_ttft(self, prompt: _RoundPrompt, repeats: int) -> float:
+        """Median time of the round's prefill and first token over `repeats` runs after a warm-up run."""
+        ids, blocks = prompt.history.ids + prompt.ids, prompt.history.block_ids + prompt.blocks
+        start, limit = self.cache_tokens, self.max_new_tokens
+        times = []
+        self.max_new_tokens = 1
+        try:
+            for _ in range(repeats + 1):
+                if self.scheme == "prefix_lm" and self.cache is not None:
+                    self.cache.reset()
+                clock = _RoundClock(self.tokenizer, self.stop_ids, None)
+                self._generate(ids, blocks, 0.0, 1.0, None, clock)
+                times.append(clock.times[0] - clock.t0)
+                if self.cache is not None and self.scheme != "prefix_lm":
+                    self.cache.truncate(start)
+        finally:
+            self.max_new_tokens = limit
+        return statistics.median(times[1:])
+
+    def _record(self, out, ids: list[int], prompt: _RoundPrompt, answer: list[int], clock: _RoundClock,
+                ttft: float | None) -> None:
         """The dialogue grows by the round's tokens; the round's figures and (optionally) its logits are kept."""
         self.dialogue.ids = ids + answer
-        self.dialogue.block_ids += prompt_blocks + [-1] * len(answer)
+        self.dialogue.block_ids += prompt.blocks + [-1] * len(answer)
         self.dialogue.text += self.tokenizer.decode(answer, skip_special_tokens=False)
         self.dialogue.turns.append(("assistant", len(answer)))
         if self.record_logits:
@@ -251,8 +293,9 @@ class ChatSession:
                 self.logits.append(logits[0].float())
                 self.logit_positions.append(len(ids) - 1 + step)
         decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else 0.0
-        self.stats.append(RoundStats(round=len(self.stats) + 1, prompt_tokens=len(prompt_ids),
-                                     ttft_s=clock.times[0] - clock.t0, answer_tokens=len(answer),
+        self.stats.append(RoundStats(round=len(self.stats) + 1, prompt_tokens=len(prompt.ids),
+                                     ttft_s=clock.times[0] - clock.t0 if ttft is None else ttft,
+                                     answer_tokens=len(answer),
                                      decode_tokens_per_s=(len(answer) - 1) / decode_s if decode_s > 0 else 0.0,
                                      cache_tokens=self.cache_tokens))
 
