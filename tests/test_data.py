@@ -84,18 +84,21 @@ def test_segment_ids_follow_layouts(scheme):
     d = tokenize_dialogue(tok, THREE_ROUNDS, scheme=scheme)
     expected = segment_ids_for_turns(d.turns, scheme).to(torch.int64)
     assert torch.equal(d.block_sequence_ids, expected)
-    # The turns (and labels) do not depend on the scheme, except prefix_lm's labels (see below).
+    # The tokens and labels do not depend on the scheme (except prefix_lm's labels, see below); the turns
+    # neither, except that mas cuts the template text around each input message into turns of its own.
     ref = tokenize_dialogue(tok, THREE_ROUNDS, scheme="causal")
-    assert d.turns == ref.turns and torch.equal(d.input_ids, ref.input_ids)
+    assert torch.equal(d.input_ids, ref.input_ids)
+    if scheme != "mas":
+        assert d.turns == ref.turns
     n_segments = len(set(d.block_sequence_ids.tolist()) - {-1})
-    assert n_segments == {"ism": 4, "mas": 4, "prefix_lm": 1, "causal": 0}[scheme]
-    if scheme in ("ism", "mas", "causal"):
+    assert n_segments == {"ism": 4, "mas": 4, "mas_merged": 4, "prefix_lm": 1, "causal": 0}[scheme]
+    if scheme != "prefix_lm":
         assert torch.equal(d.labels, ref.labels)
-        # Under ism/mas the causal tokens are exactly the answers (the last one's trailing newline too).
+    if scheme in ("ism", "mas_merged"):
+        # The causal tokens are exactly the answers (the last one's trailing newline too).
         causal = d.block_sequence_ids == -1
         lab = d.labels != IGNORE_INDEX
-        if scheme != "causal":
-            assert torch.equal(causal[:-1], lab[:-1]) and bool(causal[-1]) and not bool(lab[-1])
+        assert torch.equal(causal[:-1], lab[:-1]) and bool(causal[-1]) and not bool(lab[-1])
 
 
 def test_user_segment_includes_assistant_header():
@@ -148,14 +151,17 @@ def test_tool_and_consecutive_messages():
         {"role": "assistant", "content": "Three words."},
         {"role": "assistant", "content": "Done."},
     ]
-    d = tokenize_dialogue(tok, messages, scheme="mas")
+    d = tokenize_dialogue(tok, messages, scheme="mas_merged")
     assert labelled_texts(tok, d) == ["Three words." + IM_END, "Done." + IM_END]
     texts = turn_texts(tok, d)
     # The second answer has no input turn before it: its header (and the glue) stay in its own causal turn.
     assert texts[3] == "\n<|im_start|>assistant\nDone.<|im_end|>\n"
-    assert d.block_sequence_ids.tolist() == segment_ids_for_turns(d.turns, "mas").tolist()
-    # mas merges user + tool into one block, ism keeps them apart.
+    assert d.block_sequence_ids.tolist() == segment_ids_for_turns(d.turns, "mas_merged").tolist()
+    # mas_merged merges user + tool into one block, ism keeps them apart, the authors' mas makes tools causal.
     assert len(set(d.block_sequence_ids.tolist()) - {-1}) == 1
+    d_mas = tokenize_dialogue(tok, messages, scheme="mas")
+    assert len(set(d_mas.block_sequence_ids.tolist()) - {-1}) == 1 and labelled_texts(tok, d_mas) == labelled_texts(
+        tok, d)
     d_ism = tokenize_dialogue(tok, messages, scheme="ism")
     assert len(set(d_ism.block_sequence_ids.tolist()) - {-1}) == 2
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ism_ext.masks import (
-    ROLES,
     SCHEMES,
+    TURN_ROLES,
     dense_mask,
     kv_limit_for_turns,
     kv_limit_from_segment_ids,
@@ -29,12 +29,14 @@ EXPECTED_IDS = {
     "DIALOGUE": {
         "ism": [0, 0, 0, 1, 1, -1, -1, -1, 2, 2, -1, -1],
         "mas": [0, 0, 0, 1, 1, -1, -1, -1, 2, 2, -1, -1],
+        "mas_merged": [0, 0, 0, 1, 1, -1, -1, -1, 2, 2, -1, -1],
         "prefix_lm": [0] * 10 + [-1, -1],
         "causal": [-1] * 12,
     },
     "ADJACENT": {
         "ism": [0, 0, 1, 2, 2, 3, -1, -1],
-        "mas": [0, 0, 0, 1, 1, 1, -1, -1],
+        "mas": [0, 0, 1, 2, 2, 3, -1, -1],  # the authors' MAS: every message its own block
+        "mas_merged": [0, 0, 0, 1, 1, 1, -1, -1],
         "prefix_lm": [0] * 6 + [-1, -1],
         "causal": [-1] * 8,
     },
@@ -43,12 +45,14 @@ EXPECTED_KV = {
     "DIALOGUE": {
         "ism": [3, 3, 3, 5, 5, 6, 7, 8, 10, 10, 11, 12],
         "mas": [3, 3, 3, 5, 5, 6, 7, 8, 10, 10, 11, 12],
+        "mas_merged": [3, 3, 3, 5, 5, 6, 7, 8, 10, 10, 11, 12],
         "prefix_lm": [10] * 10 + [11, 12],
         "causal": list(range(1, 13)),
     },
     "ADJACENT": {
         "ism": [2, 2, 3, 5, 5, 6, 7, 8],
-        "mas": [3, 3, 3, 6, 6, 6, 7, 8],
+        "mas": [2, 2, 3, 5, 5, 6, 7, 8],
+        "mas_merged": [3, 3, 3, 6, 6, 6, 7, 8],
         "prefix_lm": [6] * 6 + [7, 8],
         "causal": list(range(1, 9)),
     },
@@ -66,11 +70,13 @@ def reference_kv(turns: list[tuple[str, int]], scheme: str) -> list[int]:
     out: list[int] = []
     for k, (role, n) in enumerate(live):
         for i in range(starts[k], starts[k] + n):
-            if scheme == "causal" or (scheme in ("ism", "mas") and role == "assistant"):
+            causal_roles = {"ism": ("assistant", "template"), "mas": ("assistant", "template", "tool"),
+                            "mas_merged": ("assistant", "template")}.get(scheme, ())
+            if scheme == "causal" or role in causal_roles:
                 out.append(i + 1)
-            elif scheme == "ism":
+            elif scheme in ("ism", "mas"):
                 out.append(starts[k + 1])
-            elif scheme == "mas":
+            elif scheme == "mas_merged":
                 # The block runs on while the next turn has the same role (tool counting as user).
                 side = ["user" if r == "tool" else r for r, _ in live]
                 end = k
@@ -86,7 +92,7 @@ def reference_kv(turns: list[tuple[str, int]], scheme: str) -> list[int]:
     return out
 
 
-dialogues = st.lists(st.tuples(st.sampled_from(ROLES), st.integers(0, 5)), max_size=12)
+dialogues = st.lists(st.tuples(st.sampled_from(TURN_ROLES), st.integers(0, 5)), max_size=12)
 
 
 # --- hand-written layouts -----------------------------------------------------------------------------
@@ -109,19 +115,29 @@ def test_kv_limit_hand_written(name: str, scheme: str) -> None:
     assert kv.tolist() == EXPECTED_KV[name][scheme]
 
 
-def test_ism_and_mas_differ_only_for_adjacent_same_role_turns() -> None:
-    assert torch.equal(kv_limit_for_turns(DIALOGUE, "ism"), kv_limit_for_turns(DIALOGUE, "mas"))
-    assert not torch.equal(kv_limit_for_turns(ADJACENT, "ism"), kv_limit_for_turns(ADJACENT, "mas"))
+def test_ism_and_mas_merged_differ_only_for_adjacent_same_role_turns() -> None:
+    assert torch.equal(kv_limit_for_turns(DIALOGUE, "ism"), kv_limit_for_turns(DIALOGUE, "mas_merged"))
+    assert not torch.equal(kv_limit_for_turns(ADJACENT, "ism"), kv_limit_for_turns(ADJACENT, "mas_merged"))
+    assert torch.equal(kv_limit_for_turns(ADJACENT, "ism"), kv_limit_for_turns(ADJACENT, "mas"))
 
 
-def test_tool_turns_behave_like_user() -> None:
+def test_tool_turns_under_each_scheme() -> None:
     turns = [("user", 2), ("assistant", 1), ("tool", 2), ("assistant", 1)]
     assert segment_ids_for_turns(turns, "ism").tolist() == [0, 0, -1, 1, 1, -1]
-    assert segment_ids_for_turns(turns, "mas").tolist() == [0, 0, -1, 1, 1, -1]
-    # MAS merges a tool result into an adjacent user block; ISM keeps every turn separate.
+    assert segment_ids_for_turns(turns, "mas_merged").tolist() == [0, 0, -1, 1, 1, -1]
+    assert segment_ids_for_turns(turns, "mas").tolist() == [0, 0, -1, -1, -1, -1]  # the authors: tools causal
+    # mas_merged merges a tool result into an adjacent user block; ISM keeps every turn separate.
     merged = [("user", 2), ("tool", 1), ("assistant", 1)]
-    assert segment_ids_for_turns(merged, "mas").tolist() == [0, 0, 0, -1]
+    assert segment_ids_for_turns(merged, "mas_merged").tolist() == [0, 0, 0, -1]
     assert segment_ids_for_turns(merged, "ism").tolist() == [0, 0, 1, -1]
+    assert segment_ids_for_turns(merged, "mas").tolist() == [0, 0, -1, -1]
+
+
+def test_template_turns_are_causal_under_every_scheme_but_prefix_lm() -> None:
+    turns = [("template", 1), ("user", 2), ("template", 2), ("assistant", 1)]
+    for scheme in ("ism", "mas", "mas_merged"):
+        assert segment_ids_for_turns(turns, scheme).tolist() == [-1, 0, 0, -1, -1, -1]
+    assert segment_ids_for_turns(turns, "prefix_lm").tolist() == [0, 0, 0, 0, 0, -1]
 
 
 def test_prefix_lm_without_assistant_is_one_block() -> None:
@@ -151,7 +167,7 @@ def test_zero_length_turns_take_no_tokens_and_do_not_split() -> None:
     # Ids start at 0 even though the first turn is empty.
     assert segment_ids_for_turns(turns, "ism").tolist() == [0, 0, 1, -1]
     # The empty assistant turn does not separate the two user turns.
-    assert segment_ids_for_turns(turns, "mas").tolist() == [0, 0, 0, -1]
+    assert segment_ids_for_turns(turns, "mas_merged").tolist() == [0, 0, 0, -1]
     # A trailing empty assistant turn is not "the last assistant turn".
     assert segment_ids_for_turns([("user", 2), ("assistant", 0)], "prefix_lm").tolist() == [0, 0]
 

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 from ism_ext.training.toy import CHATML_TEMPLATE, IM_END, build_toy_tokenizer
 
-__all__ = ["CHATML_TEMPLATE", "IM_END", "build_tokenizer", "make_tokenizer", "sample_dialogues"]
+__all__ = ["CHATML_DEFAULT_SYSTEM_TEMPLATE", "CHATML_TEMPLATE", "IM_END", "LLAMA3_TEMPLATE", "build_tokenizer",
+           "make_llama3_tokenizer", "make_tokenizer", "sample_dialogues"]
 
 WORDS = (
     "the a cat dog sat on mat and ran fast slow red blue green big small house tree river sun moon star "
@@ -69,3 +70,33 @@ def sample_dialogues(n: int, rounds: int, seed: int) -> list[list[dict]]:
             messages.append({"role": "assistant", "content": text(1, 20)})
         dialogues.append(messages)
     return dialogues
+
+
+# ChatML with a default system prompt when the dialogue has none, as SmolLM2's template writes.
+CHATML_DEFAULT_SYSTEM_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a small helpful model.<|im_end|>\\n' }}"
+    "{%- endif %}" + CHATML_TEMPLATE
+)
+
+# A Llama-3 style template: BOS, header tokens, <|eot_id|> ends a turn, a default system prompt.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nYou are a small helpful model.<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def make_llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny tokenizer with Llama 3's special tokens and a Llama-3 style template (cached: do not modify)."""
+    fast = build_toy_tokenizer(_corpus(400, seed=0), 500, split_digits=False, extra_special_tokens=LLAMA3_SPECIALS,
+                               bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_TEMPLATE
+    return fast

@@ -8,7 +8,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "attend_tile.h"
@@ -78,39 +80,117 @@ struct GroupedRows {
   T* operator()(int64_t r) const { return base + (r % seqlen) * row_stride + (r / seqlen) * head_stride; }
 };
 
-struct GroupScratch {
-  FwdScratch fwd;
-  std::vector<int32_t> limit;  // the rows' kv_limit, repeated for every head of the group
-  std::vector<float> lse;
-  explicit GroupScratch(int d_pad) : fwd(d_pad), limit(kTileQ), lse(kTileQ) {}
+// Rows i0, i0 + 1, ... of an accessor as rows 0, 1, ...: one key chunk of a split cache.
+template <typename Rows>
+struct OffsetRows {
+  Rows rows;
+  int64_t i0;
+  auto operator()(int64_t i) const { return rows(i0 + i); }
 };
 
-// One tile per (sequence, K/V head): the whole group's queries (group * seqlen_q <= kTileQ rows).
+struct GroupScratch {
+  FwdScratch fwd;
+  std::vector<int32_t> limit;  // the rows' kv_limit inside the chunk, repeated for every head of the group
+  explicit GroupScratch(int d_pad) : fwd(d_pad), limit(kTileQ) {}
+};
+
+// Key chunks per (sequence, K/V head) for decode: FlashDecoding's split over the keys, so that a batch
+// with fewer (sequence, K/V head) pairs than threads still keeps every thread busy. A chunk is at least
+// kMinChunkKeys long, so the combine stays negligible next to the attention.
+constexpr int kMinChunkKeys = 256;
+
+int key_splits(const KVCacheAttnParams& p, int longest) {
+  const int64_t pairs = static_cast<int64_t>(p.batch) * p.h_kv;
+  const int64_t wanted = (4 * static_cast<int64_t>(at::get_num_threads()) + pairs - 1) / pairs;
+  const int64_t possible = std::max(1, (longest + kMinChunkKeys - 1) / kMinChunkKeys);
+  return static_cast<int>(std::clamp<int64_t>(wanted, 1, possible));
+}
+
+// The group's rows against keys [c0, c1) of the cache: normalised partial output and lse in float32.
+template <typename T>
+void attend_chunk(const KVCacheAttnParams& p, int b, int h_kv, int group, int c0, int c1, float* out, float* lse,
+                  GroupScratch& w) {
+  const int lq = p.seqlen_q, m = group * lq, h0 = h_kv * group;
+  const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * lq;
+  int chunk_max = 0;
+  for (int r = 0; r < m; ++r) {
+    w.limit[r] = std::clamp(lim[r % lq] - c0, 0, c1 - c0);
+    chunk_max = std::max(chunk_max, w.limit[r]);
+  }
+  const GroupedRows<const T> q{static_cast<const T*>(p.q) + b * p.q_batch_stride + h0 * p.q_head_stride,
+                               p.q_row_stride, p.q_head_stride, lq};
+  with_cache_rows<T>(p, b, h_kv, [&](auto k_rows, auto v_rows) {
+    attend_query_tile(q, m, w.limit.data(), chunk_max, OffsetRows<decltype(k_rows)>{k_rows, c0},
+                      OffsetRows<decltype(v_rows)>{v_rows, c0}, p.head_dim, p.softmax_scale,
+                      strided_rows(out, p.head_dim), lse, w.fwd);
+  });
+}
+
+// out = sum over chunks of exp(lse_c - lse) * out_c, lse = logsumexp of the chunks' lse: the group's rows of
+// one (sequence, K/V head) from its `splits` partial results.
+template <typename T>
+void combine_chunks(const KVCacheAttnParams& p, int b, int h_kv, int group, int splits, const float* out_parts,
+                    const float* lse_parts) {
+  const int lq = p.seqlen_q, m = group * lq, d = p.head_dim, h0 = h_kv * group;
+  for (int r = 0; r < m; ++r) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int c = 0; c < splits; ++c) top = std::max(top, lse_parts[c * m + r]);
+    const int h = h0 + r / lq, i = r % lq;
+    T* dst = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_row_stride + h * p.out_head_stride;
+    float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + i;
+    if (top == -std::numeric_limits<float>::infinity()) {  // the row sees nothing: 0 and -inf
+      for (int c = 0; c < d; ++c) dst[c] = static_cast<T>(0.f);
+      *lse = top;
+      continue;
+    }
+    float total = 0.f;
+    for (int c = 0; c < splits; ++c) total += std::exp(lse_parts[c * m + r] - top);
+    for (int col = 0; col < d; ++col) {
+      float acc = 0.f;
+      for (int c = 0; c < splits; ++c) {
+        acc += std::exp(lse_parts[c * m + r] - top) * out_parts[(static_cast<int64_t>(c) * m + r) * d + col];
+      }
+      dst[col] = static_cast<T>(acc / total);
+    }
+    *lse = top + std::log(total);
+  }
+}
+
+// Decode and short new segments: one tile per (sequence, K/V head, key chunk) holding the whole group's
+// queries (group * seqlen_q <= kTileQ rows), then the chunks combined.
 template <typename T>
 void attend_grouped(const KVCacheAttnParams& p, int group) {
+  const int lq = p.seqlen_q, m = group * lq, d = p.head_dim;
+  std::vector<int> longest(p.batch);
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * lq;
+    longest[b] = *std::max_element(lim, lim + lq);
+  }
+  const int splits = key_splits(p, *std::max_element(longest.begin(), longest.end()));
+  const int64_t parts = static_cast<int64_t>(p.batch) * p.h_kv * splits;
+  std::vector<float> out_parts(parts * m * d), lse_parts(parts * m);
   std::vector<WorkItem> items;
   for (int b = 0; b < p.batch; ++b) {
-    const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * p.seqlen_q;
-    const int64_t cost = static_cast<int64_t>(group) * p.seqlen_q * *std::max_element(lim, lim + p.seqlen_q) + 1;
-    for (int h = 0; h < p.h_kv; ++h) items.push_back({b, h, 0, cost});
+    for (int h = 0; h < p.h_kv; ++h) {
+      for (int c = 0; c < splits; ++c) items.push_back({b, h, c, static_cast<int64_t>(m) * longest[b] / splits + 1});
+    }
   }
   run_heavy_first(
       items, [&p] { return GroupScratch(round_up_lanes(p.head_dim)); },
-      [&p, group](const WorkItem& item, GroupScratch& w) {
-        const int b = item.seq, h0 = item.head * group, lq = p.seqlen_q, m = group * lq;
-        const int32_t* lim = p.kv_limit + static_cast<int64_t>(b) * lq;
-        for (int r = 0; r < m; ++r) w.limit[r] = lim[r % lq];
-        const GroupedRows<const T> q{static_cast<const T*>(p.q) + b * p.q_batch_stride + h0 * p.q_head_stride,
-                                     p.q_row_stride, p.q_head_stride, lq};
-        const GroupedRows<T> out{static_cast<T*>(p.out) + b * p.out_batch_stride + h0 * p.out_head_stride,
-                                 p.out_row_stride, p.out_head_stride, lq};
-        with_cache_rows<T>(p, b, item.head, [&](auto k_rows, auto v_rows) {
-          attend_query_tile(q, m, w.limit.data(), *std::max_element(lim, lim + lq), k_rows, v_rows, p.head_dim,
-                            p.softmax_scale, out, w.lse.data(), w.fwd);
-        });
-        float* lse = p.lse + b * p.lse_batch_stride + h0 * p.lse_head_stride;
-        for (int r = 0; r < m; ++r) lse[(r / lq) * p.lse_head_stride + r % lq] = w.lse[r];
+      [&](const WorkItem& item, GroupScratch& w) {
+        const int chunk = (longest[item.seq] + splits - 1) / splits;
+        const int c0 = std::min(item.tile * chunk, longest[item.seq]);
+        const int c1 = std::min(c0 + chunk, longest[item.seq]);
+        const int64_t part = (static_cast<int64_t>(item.seq) * p.h_kv + item.head) * splits + item.tile;
+        attend_chunk<T>(p, item.seq, item.head, group, c0, c1, out_parts.data() + part * m * d,
+                        lse_parts.data() + part * m, w);
       });
+  at::parallel_for(0, static_cast<int64_t>(p.batch) * p.h_kv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      combine_chunks<T>(p, static_cast<int>(pair / p.h_kv), static_cast<int>(pair % p.h_kv), group, splits,
+                        out_parts.data() + pair * splits * m * d, lse_parts.data() + pair * splits * m);
+    }
+  });
 }
 
 // One tile per (sequence, query head, kTileQ rows): new segments, and groups too tall for one tile.
@@ -146,7 +226,7 @@ void attend_per_head(const KVCacheAttnParams& p) {
 template <typename T>
 void attend(const KVCacheAttnParams& p) {
   const int group = p.h_q / p.h_kv;
-  if (group > 1 && group * p.seqlen_q <= kTileQ) {
+  if (group * p.seqlen_q <= kTileQ) {
     attend_grouped<T>(p, group);
   } else {
     attend_per_head<T>(p);

@@ -8,6 +8,7 @@ from .new_tokens import kv_limit_causal_append, kv_limit_new_segment
 from .schemes import (
     ROLES,
     SCHEMES,
+    TURN_ROLES,
     check_scheme,
     check_turns,
     kv_limit_for_turns,
@@ -20,6 +21,7 @@ from .synthetic import rounds_dialogue
 __all__ = [
     "ROLES",
     "SCHEMES",
+    "TURN_ROLES",
     "check_scheme",
     "check_turns",
     "dense_mask",

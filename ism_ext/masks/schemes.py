@@ -1,16 +1,22 @@
 """Attention layouts of chat dialogues: which turns are bidirectional segments under each scheme.
 
 A dialogue is a sequence of ``(role, n_tokens)`` turns; roles are ``"system"``, ``"user"``,
-``"assistant"`` and ``"tool"`` (a tool result is input to the model, so it is treated like a user turn).
+``"assistant"`` and ``"tool"`` (a tool result is input to the model), and ``"template"``: text the chat
+template writes around a message (headers, the glue between turns, BOS) when a scheme separates it from
+the message (only ``"mas"`` does); it is always causal.
 
 Schemes (docs/layouts.md):
 
 * ``"ism"`` -- Intermittent Semi-working Mask (arXiv 2408.00539): every system, user and tool turn is its
   own bidirectional segment; assistant tokens are causal.
-* ``"mas"`` -- Segment-Based Attention Masking (Katz et al., ACL 2025, arXiv 2412.18487): a run of
-  consecutive turns of the same non-assistant role (``tool`` counting as ``user``) is merged into one
-  block, each block bidirectional; assistant tokens are causal. Equal to ``ism`` for the usual
-  system/user/assistant alternation.
+* ``"mas"`` -- Segment-Based Attention Masking (Katz et al., ACL 2025, arXiv 2412.18487) as its authors
+  build it: every system and user message is its own bidirectional block (from its header through its
+  end-of-turn token: the renderer cuts the template text around it into ``"template"`` turns); tool
+  turns, template text and answers are causal. Two consecutive user messages are two blocks.
+* ``"mas_merged"`` -- the MAS idea with whole turns: a run of consecutive turns of the same
+  non-assistant role (``tool`` counting as ``user``) is merged into one block, each block bidirectional,
+  with the assistant header prefilled inside the block before it; assistant tokens are causal. Equal to
+  ``ism`` for the usual system/user/assistant alternation.
 * ``"prefix_lm"`` -- everything before the last assistant turn is one bidirectional block and that last
   assistant turn is causal. If the dialogue does not end with an assistant turn (no answer yet, e.g. a
   prompt waiting for generation) the whole dialogue is the prefix.
@@ -32,6 +38,7 @@ from .segments import kv_limit_from_segment_ids
 __all__ = [
     "ROLES",
     "SCHEMES",
+    "TURN_ROLES",
     "check_scheme",
     "check_turns",
     "kv_limit_for_turns",
@@ -39,8 +46,9 @@ __all__ = [
     "turn_boundaries",
 ]
 
-SCHEMES: tuple[str, ...] = ("ism", "mas", "prefix_lm", "causal")
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+SCHEMES: tuple[str, ...] = ("ism", "mas", "mas_merged", "prefix_lm", "causal")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")  # the roles of chat messages
+TURN_ROLES: tuple[str, ...] = (*ROLES, "template")  # and of turns: template text cut out of a message's turn
 
 # Roles that are model input (bidirectional candidates); the assistant's own text is always generated,
 # hence causal. For MAS merging, a tool result is a user-side message.
@@ -55,8 +63,8 @@ def check_turns(turns: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
             role, length = turn
         except (TypeError, ValueError):
             raise ValueError(f"turn {k} must be a (role, length) pair, got {turn!r}") from None
-        if role not in ROLES:
-            raise ValueError(f"turn {k}: unknown role {role!r}; expected one of {ROLES}")
+        if role not in TURN_ROLES:
+            raise ValueError(f"turn {k}: unknown role {role!r}; expected one of {TURN_ROLES}")
         # bool is an Integral subclass but a True/False length is surely a bug.
         if not isinstance(length, numbers.Integral) or isinstance(length, bool):
             raise ValueError(f"turn {k}: length must be an int, got {length!r}")
@@ -76,7 +84,7 @@ def segment_ids_for_turns(turns: Sequence[tuple[str, int]], scheme: str) -> torc
     """Per-token segment ids of a dialogue under ``scheme``.
 
     Args:
-        turns: ``(role, n_tokens)`` pairs in dialogue order; roles from :data:`ROLES`, lengths ``>= 0``.
+        turns: ``(role, n_tokens)`` pairs in dialogue order; roles from :data:`TURN_ROLES`, lengths ``>= 0``.
         scheme: one of :data:`SCHEMES`.
 
     Returns:
@@ -91,40 +99,60 @@ def segment_ids_for_turns(turns: Sequence[tuple[str, int]], scheme: str) -> torc
     # Zero-length turns would otherwise split MAS blocks or decide which assistant turn is "last".
     live = [(role, length) for role, length in check_turns(turns) if length > 0]
 
-    # One label per turn (Python loop over turns, not tokens), then expanded to tokens in one call.
-    labels: list[int] = []
-    if scheme == "causal":
-        labels = [-1] * len(live)
-    elif scheme == "ism":
-        next_id = 0
-        for role, _ in live:
-            if role == "assistant":
-                labels.append(-1)
-            else:
-                labels.append(next_id)
-                next_id += 1
-    elif scheme == "mas":
-        next_id = 0
-        prev_role: str | None = None
-        for role, _ in live:
-            if role == "assistant":
-                labels.append(-1)
-                prev_role = None
-                continue
-            merged = _MERGE_ROLE[role]
-            if merged != prev_role:
-                # A new block starts whenever the (merged) role changes or an assistant turn intervened.
-                next_id += 1
-                prev_role = merged
-            labels.append(next_id - 1)
-    else:  # prefix_lm
-        answer_is_last = bool(live) and live[-1][0] == "assistant"
-        labels = [0] * len(live)
-        if answer_is_last:
-            labels[-1] = -1
-
+    roles = [role for role, _ in live]
+    labels = _SCHEME_LABELS[scheme](roles)  # one label per turn, then expanded to tokens in one call
     lengths = torch.tensor([length for _, length in live], dtype=torch.int64)
     return torch.repeat_interleave(torch.tensor(labels, dtype=torch.int32), lengths)
+
+
+def _ism_labels(roles: list[str]) -> list[int]:
+    """Every input turn its own block."""
+    labels, next_id = [], 0
+    for role in roles:
+        if role in ("assistant", "template"):
+            labels.append(-1)
+        else:
+            labels.append(next_id)
+            next_id += 1
+    return labels
+
+
+def _mas_labels(roles: list[str]) -> list[int]:
+    """Every system and user message its own block; tools, template text and answers causal."""
+    return _ism_labels(["template" if role == "tool" else role for role in roles])
+
+
+def _mas_merged_labels(roles: list[str]) -> list[int]:
+    """A run of input turns of one (merged) role is one block."""
+    labels, next_id, prev = [], 0, None
+    for role in roles:
+        if role in ("assistant", "template"):
+            labels.append(-1)
+            prev = None
+            continue
+        merged = _MERGE_ROLE[role]
+        if merged != prev:  # a new block whenever the (merged) role changes or an answer intervened
+            next_id += 1
+            prev = merged
+        labels.append(next_id - 1)
+    return labels
+
+
+def _prefix_lm_labels(roles: list[str]) -> list[int]:
+    """Everything before the last answer one block (the whole dialogue when it does not end with one)."""
+    labels = [0] * len(roles)
+    if roles and roles[-1] == "assistant":
+        labels[-1] = -1
+    return labels
+
+
+_SCHEME_LABELS = {
+    "ism": _ism_labels,
+    "mas": _mas_labels,
+    "mas_merged": _mas_merged_labels,
+    "prefix_lm": _prefix_lm_labels,
+    "causal": lambda roles: [-1] * len(roles),
+}
 
 
 def kv_limit_for_turns(

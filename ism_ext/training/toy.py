@@ -50,10 +50,20 @@ def dialogue_texts(dialogues: Iterable[Mapping[str, Any] | Sequence[Mapping[str,
     return texts
 
 
-def build_toy_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, split_digits: bool = True) -> Any:
+def build_toy_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    *,
+    split_digits: bool = True,
+    extra_special_tokens: Sequence[str] = (),
+    bos_token: str | None = None,
+    eos_token: str = IM_END,
+) -> Any:
     """Trains a byte-level BPE chat tokenizer on ``texts`` (deterministic for the same texts).
 
     ``split_digits`` makes every digit a token of its own (numbers are then learnable digit by digit).
+    ``extra_special_tokens`` (ids 3, 4, ...) and ``bos_token`` / ``eos_token`` (one of the special tokens)
+    give other template families, e.g. Llama 3's headers.
 
     Special tokens: ``<|endoftext|>`` (id 0, pad), ``<|im_start|>`` (id 1), ``<|im_end|>`` (id 2, eos: in instruct
     models the end-of-turn token is what stops generation). Every byte is in the vocabulary, so any text
@@ -75,13 +85,14 @@ def build_toy_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, split_d
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOT, IM_START, IM_END],
+        special_tokens=[EOT, IM_START, IM_END, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=EOT, additional_special_tokens=[IM_START, IM_END]
+        tokenizer_object=tok, eos_token=eos_token, pad_token=EOT, bos_token=bos_token,
+        additional_special_tokens=[IM_START, IM_END, *extra_special_tokens],
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast

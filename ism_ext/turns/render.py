@@ -34,14 +34,8 @@ from typing import Any
 import torch
 
 from ..masks import SCHEMES, check_scheme, kv_limit_from_segment_ids, segment_ids_for_turns
-from .template import (
-    check_messages,
-    check_tokenizer,
-    encode_with_offsets,
-    map_boundaries,
-    render_text,
-    special_token_pattern,
-)
+from .spans import RenderedDialogue, TurnSpan, render_dialogue
+from .template import encode_with_offsets, map_boundaries
 
 __all__ = [
     "IGNORE_INDEX",
@@ -80,144 +74,50 @@ class TokenizedDialogue:
 
 
 @dataclass(frozen=True)
-class TurnSpan:
-    """Where one message's turn lies in the rendered text (character positions)."""
+class _Piece:
+    """A run of tokens with one role, as the scheme cuts the turns (mas splits an input turn in three)."""
 
     role: str
-    start: int
-    end: int
-    generated: tuple[int, int] | None  # assistant turns: the span the model generates (the labels)
+    end: int  # character where it ends; it starts where the previous piece ends
+    labels: tuple[int, int] | None  # the characters that carry labels (an answer's generated text)
+    message: int | None
+    name: str  # which boundary its end is, for error messages
 
 
-@dataclass
-class RenderedDialogue:
-    """The template text of a dialogue with its turns, before tokenisation.
-
-    ``round_ends`` lists, for truncation, ``(n_messages, character)`` at the end of every round: after the
-    last answer of a run of answers, and at the end of the dialogue.
-    """
-
-    text: str
-    turns: list[TurnSpan]
-    round_ends: list[tuple[int, int]]
-
-
-def _prefix_error(a_what: str, b_what: str) -> ValueError:
-    return ValueError(
-        f"the chat template is not prefix-consistent: {a_what} is not a prefix of {b_what}; one-pass training "
-        f"and KV-cache reuse need a template whose renderings grow by appending (templates that rewrite "
-        f"earlier turns, e.g. drop past reasoning, are not supported)"
-    )
-
-
-def _render_prefixes(tokenizer: Any, messages: Sequence[Mapping[str, Any]], roles: list[str],
-                     kwargs: dict) -> tuple[list[str], dict[int, int]]:
-    """Renders every prefix (and the generation prompt before every answer), checking that each extends
-    the previous one; returns the renderings and the end of the generation prompt of every answer."""
-    renders: list[str] = []
-    gen_end: dict[int, int] = {}
-    prev, prev_what = "", "the empty prefix"
-    for i, role in enumerate(roles):
-        what = f"the rendering of messages[:{i + 1}] (ending with message {i}, role {role!r})"
-        text = render_text(tokenizer, messages[: i + 1], False, kwargs)
-        if role == "assistant":
-            gen = render_text(tokenizer, messages[:i], True, kwargs)
-            gen_what = f"the rendering of messages[:{i}] with add_generation_prompt=True"
-            if not gen.startswith(prev):
-                raise _prefix_error(prev_what, gen_what)
-            prev, prev_what = gen, gen_what
-            gen_end[i] = len(gen)
-        if not text.startswith(prev):
-            raise _prefix_error(prev_what, what)
-        renders.append(text)
-        prev, prev_what = text, what
-    return renders, gen_end
-
-
-def _generated_span(text: str, start: int, msg_end: int, special: Any) -> tuple[int, int]:
-    """The generated part of an answer: from its generation prompt to its last special token (end of turn)."""
-    stop = msg_end
-    if special is not None:
-        ends = [m.end() for m in special.finditer(text, start, msg_end)]
-        if ends:
-            # The model stops after the end-of-turn token; later template text (a newline) is prefilled
-            # with the next turn at inference, so it is neither trained nor part of this causal span.
-            stop = ends[-1]
-    return start, stop
-
-
-def _turn_spans(text: str, roles: list[str], renders: list[str], gen_end: dict[int, int], prompt_end: int | None,
-                special: Any) -> list[TurnSpan]:
-    """One span per message (see the module docstring for which template text each turn holds)."""
-    spans: list[TurnSpan] = []
-    n = len(roles)
-    for i, role in enumerate(roles):
-        start = spans[-1].end if spans else 0
-        msg_end = len(renders[i])
-        if role != "assistant":
-            # An input turn also holds the generation prompt of the answer that follows it.
-            end = gen_end[i + 1] if i + 1 < n and roles[i + 1] == "assistant" else msg_end
-            if i + 1 == n and prompt_end is not None:
-                end = prompt_end
-            spans.append(TurnSpan(role, start, end, None))
-            continue
-        generated = _generated_span(text, gen_end[i], msg_end, special)
-        spans.append(TurnSpan(role, start, generated[1] if i + 1 < n else msg_end, generated))
-    return spans
-
-
-def render_dialogue(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    add_generation_prompt: bool = False,
-    chat_template_kwargs: dict | None = None,
-) -> RenderedDialogue:
-    """The template text of ``messages`` and where each turn lies in it.
-
-    With ``add_generation_prompt=True`` (a prompt waiting for its answer; the last message must then be an
-    input message) the text ends with the assistant header, which belongs to the last input turn.
-
-    Raises:
-        ValueError: no chat template, slow tokenizer, unknown role, empty dialogue or one starting with an
-            answer, a template that is not prefix-consistent.
-    """
-    check_tokenizer(tokenizer)
-    roles = check_messages(messages)
-    kwargs = dict(chat_template_kwargs or {})
-    renders, gen_end = _render_prefixes(tokenizer, messages, roles, kwargs)
-    text, prompt_end = renders[-1], None
-    if add_generation_prompt:
-        if roles[-1] == "assistant":
-            raise ValueError("add_generation_prompt needs a dialogue that ends with an input message, not an answer")
-        text = render_text(tokenizer, messages, True, kwargs)
-        if not text.startswith(renders[-1]):
-            raise _prefix_error(f"the rendering of messages[:{len(roles)}]", "its rendering with the generation prompt")
-        prompt_end = len(text)
-    spans = _turn_spans(text, roles, renders, gen_end, prompt_end, special_token_pattern(tokenizer))
-    n = len(roles)
-    round_msgs = [i + 1 for i in range(n) if roles[i] == "assistant" and (i + 1 == n or roles[i + 1] != "assistant")]
-    if not round_msgs or round_msgs[-1] != n:
-        round_msgs.append(n)
-    round_ends = [(m, len(renders[m - 1]) if m < n else len(text)) for m in round_msgs]
-    return RenderedDialogue(text, spans, round_ends)
-
-
-def _boundaries(spans: list[TurnSpan], start: int) -> tuple[list[str], list[int]]:
-    """Names and characters (relative to ``start``) of every token boundary the turns need."""
-    names: list[str] = []
-    chars: list[int] = []
-    for i, span in enumerate(spans):
+def _pieces(spans: list[TurnSpan], scheme: str, start: int) -> list[_Piece]:
+    """The pieces from character ``start`` on. Under ``mas`` an input turn is the template text before its
+    message, the message (its block), and the template text after it (causal, as the MAS authors mask)."""
+    pieces: list[_Piece] = []
+    for k, span in enumerate(spans):
         if span.end <= start:
             continue
-        if span.generated is not None:
-            lo, hi = (max(c, start) for c in span.generated)
-            names.append(f"the start of the generated text of message {i} (assistant)")
+        what = (f"turn {k} (message {span.message}, role {span.role!r})" if span.message is not None
+                else f"turn {k} (the template's own {span.role} turn)")
+        if scheme == "mas" and span.block is not None:
+            b0, b1 = span.block
+            for role, end, edge in (("template", b0, "start of the message"), (span.role, b1, "end of the message"),
+                                    ("template", span.end, "end")):
+                if end > max(start, pieces[-1].end if pieces else start):
+                    pieces.append(_Piece(role, end, None, span.message, f"the {edge} of {what}"))
+            continue
+        pieces.append(_Piece(span.role, span.end, span.generated, span.message, f"the end of {what}"))
+    return pieces
+
+
+def _boundaries(pieces: list[_Piece], start: int) -> tuple[list[str], list[int]]:
+    """Names and characters (relative to ``start``) of every token boundary the pieces need."""
+    names: list[str] = []
+    chars: list[int] = []
+    for piece in pieces:
+        if piece.labels is not None:
+            lo, hi = (max(c, start) for c in piece.labels)
+            names.append(f"the start of the generated text of message {piece.message} (assistant)")
             chars.append(lo - start)
-            names.append(f"the end of the generated text of message {i} (assistant, after its end-of-turn token)")
+            names.append(f"the end of the generated text of message {piece.message} (assistant, after its "
+                         f"end-of-turn token)")
             chars.append(hi - start)
-        names.append(f"the end of turn {i} (message {i}, role {span.role!r})")
-        chars.append(span.end - start)
+        names.append(piece.name)
+        chars.append(piece.end - start)
     return names, chars
 
 
@@ -235,23 +135,21 @@ def _token_boundaries(text: str, offsets: torch.Tensor, names: list[str], chars:
     return tok.tolist()
 
 
-def _turns_and_labels(spans: list[TurnSpan], start: int, input_ids: torch.Tensor, tok: list[int],
+def _turns_and_labels(pieces: list[_Piece], input_ids: torch.Tensor, tok: list[int],
                       label_messages: set[int] | None) -> tuple[list[tuple[str, int]], torch.Tensor]:
-    """Per-turn token counts and labels (a loop over turns; each turn is one slice)."""
+    """Per-piece token counts and labels (a loop over pieces; each is one slice)."""
     turns: list[tuple[str, int]] = []
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     cursor = pos = 0
-    for i, span in enumerate(spans):
-        if span.end <= start:
-            continue
-        if span.generated is not None:
+    for piece in pieces:
+        if piece.labels is not None:
             lo, hi = tok[cursor], tok[cursor + 1]
             cursor += 2
-            if label_messages is None or i in label_messages:
+            if label_messages is None or piece.message in label_messages:
                 labels[lo:hi] = input_ids[lo:hi]
         end = tok[cursor]
         cursor += 1
-        turns.append((span.role, end - pos))
+        turns.append((piece.role, end - pos))
         pos = end
     return turns, labels
 
@@ -271,9 +169,10 @@ def _tokenize(tokenizer: Any, rendered: RenderedDialogue, scheme: str, start: in
     """`tokenize_rendered`, also returning the character offsets of the tokens."""
     text = rendered.text[start:]
     input_ids, offsets = encode_with_offsets(tokenizer, text)
-    names, chars = _boundaries(rendered.turns, start)
+    pieces = _pieces(rendered.turns, scheme, start)
+    names, chars = _boundaries(pieces, start)
     tok = _token_boundaries(text, offsets, names, chars)
-    turns, labels = _turns_and_labels(rendered.turns, start, input_ids, tok, label_messages)
+    turns, labels = _turns_and_labels(pieces, input_ids, tok, label_messages)
     ids = segment_ids_for_turns(turns, scheme).to(torch.int64)
     _drop_visible_labels(labels, ids)
     return TokenizedDialogue(input_ids, labels, ids, turns), offsets
