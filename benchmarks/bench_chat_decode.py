@@ -26,8 +26,8 @@ from common import environment, median_ms, write_records
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ism_ext.inference.models import load_smollm2
 from ism_ext.integrations.hf import IsmCache, cache_argument_name
+from ism_ext.integrations.hf.models import load_smollm2
 
 IMPLS = ("ism_cache", "hf_dynamic", "sdpa_dynamic")
 
@@ -81,6 +81,7 @@ def run_size(models: dict[str, Any], tokens: int, args, env: dict[str, Any]) -> 
 def plot(records: list[dict[str, Any]], path) -> None:
     """tokens/s against cache size, one line per impl."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     from ism_ext.viz import save_figure
 
@@ -89,7 +90,9 @@ def plot(records: list[dict[str, Any]], path) -> None:
     for impl in IMPLS:
         rows = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["cache_tokens"])
         ax.plot([r["cache_tokens"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=impl)
-    ax.set(xscale="log", xlabel="tokens in the cache", ylabel="decode tokens / s",
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="tokens in the cache", ylabel="decode tokens / s",
            title=f"SmolLM2-135M decode\n{records[0].get('gpu') or records[0]['device']}")
     ax.set_xticks(sorted({r["cache_tokens"] for r in records}))
     ax.set_xticklabels([str(t) for t in sorted({r["cache_tokens"] for r in records})])

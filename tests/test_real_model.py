@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 
 import ism_ext.integrations.hf as ism_hf  # noqa: E402
 from ism_ext.inference import ChatSession  # noqa: E402
-from ism_ext.inference.models import load_smollm2, smollm2_path  # noqa: E402
+from ism_ext.integrations.hf.models import load_smollm2, smollm2_path  # noqa: E402
 from ism_ext.turns import tokenize_dialogue  # noqa: E402
 
 try:  # the wheel's own __init__ imports the `llm` CLI, which we do not install: only its file is needed

@@ -12,6 +12,7 @@ COMMANDS = {
     "ops": "masks of a sample dialogue, their pictures, and the op checked against float64 and timed",
     "bench": "the quick benchmarks that apply to this machine, as one table",
     "train": "fine-tune a model on multi-turn chats in one ISM pass per dialogue",
+    "distill": "adapt a causal chat model to ISM masks by self-distillation (no dataset needed)",
 }
 
 

@@ -82,7 +82,7 @@ def chat_rows(device: str) -> list[Row]:
     """Round-4 time to first token: ISM reuse vs prefix-LM recompute and causal reuse (SmolLM2)."""
     try:
         from ..inference.chat import ChatSession
-        from ..inference.models import load_smollm2
+        from ..integrations.hf.models import load_smollm2
 
         model, tok = load_smollm2("ism")
     except (ImportError, FileNotFoundError) as exc:

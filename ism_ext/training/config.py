@@ -10,7 +10,7 @@ import torch
 
 from ..masks import SCHEMES
 
-__all__ = ["DEFAULT_DATA", "DIST_MODES", "DTYPES", "RESUME_FIELDS", "TINY", "TrainConfig", "TrainError",
+__all__ = ["DEFAULT_DATA", "DIST_MODES", "DTYPES", "OBJECTIVES", "RESUME_FIELDS", "TINY", "TrainConfig", "TrainError",
            "check_config", "default_lr", "import_peft"]
 
 DEFAULT_DATA = pathlib.Path(__file__).with_name("datasets") / "toy_chat.jsonl"
@@ -24,8 +24,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # fsdp) may change on resume.
 RESUME_FIELDS = (
     "model", "gguf", "gguf_file", "scheme", "pack", "max_length", "batch_size", "lr", "weight_decay",
-    "warmup_steps", "max_grad_norm", "lora", "lora_r", "lora_alpha", "lora_dropout", "seed", "dtype",
+    "warmup_steps", "max_grad_norm", "lora", "lora_r", "lora_alpha", "lora_dropout", "seed", "dtype", "objective",
 )
+OBJECTIVES = ("lm", "distill")
 
 
 class TrainError(ValueError):
@@ -39,7 +40,10 @@ class TrainConfig:
 
     ``lr=None`` picks a default by model: 3e-3 for the randomly initialised ``tiny`` model, 2e-4 for LoRA and
     2e-5 for full fine-tuning of a pretrained model. ``steps`` and ``epochs`` are exclusive; with neither, one
-    epoch. ``dist=None`` means ``"ddp"`` when launched by torchrun with ``WORLD_SIZE > 1``, else ``"none"``.
+    epoch. ``objective="lm"`` is the causal-LM loss on the answers; ``"distill"`` is the KL divergence from the
+    model without its LoRA adapter under causal masks (the teacher) to the model with it under ``scheme``
+    (self-distillation: the adapter learns to give the teacher's distributions under the new masks).
+    ``dist=None`` means ``"ddp"`` when launched by torchrun with ``WORLD_SIZE > 1``, else ``"none"``.
     """
 
     model: str = TINY
@@ -60,6 +64,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    objective: str = "lm"
     out: str | None = None
     resume: bool = False
     seed: int = 0
@@ -105,6 +110,10 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError("--resume needs --out DIR (where the checkpoints are)")
     if config.debug_sync and config.out is None:
         raise TrainError("--debug-sync needs --out DIR (where params_rank*.txt are written)")
+    if config.objective not in OBJECTIVES:
+        raise TrainError(f"unknown objective {config.objective!r}; expected one of {OBJECTIVES}")
+    if config.objective == "distill" and not config.lora:
+        raise TrainError("the distill objective needs --lora: the teacher is the same model without its adapter")
     if config.lora:
         import_peft()  # before a large model is loaded for nothing
 

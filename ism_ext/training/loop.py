@@ -39,6 +39,7 @@ from .config import DEFAULT_DATA, RESUME_FIELDS, TrainConfig, TrainError, check_
 from .data_files import ChatExample, batches_for_epoch, file_digest, load_chat_jsonl, make_collate, tokenizer_digest
 from .distributed import ProcessContext, all_gather_object, barrier, setup_processes, wrap
 from .model_setup import apply_lora, load_model_and_tokenizer
+from .objectives import step_loss
 
 __all__ = ["train"]
 
@@ -147,8 +148,9 @@ def _resume_point(config: TrainConfig, ctx: ProcessContext,
     ckpt = checkpoints[-1][1]
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     saved = state["config"]
-    diff = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in RESUME_FIELDS
-            if saved.get(k) != getattr(config, k)]
+    defaults = TrainConfig()  # a setting older checkpoints do not record has its default there
+    diff = [f"{k}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(config, k)!r}" for k in RESUME_FIELDS
+            if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
     if state["world_size"] != ctx.world:
         diff.append(f"world size: {state['world_size']} -> {ctx.world}")
     if diff:
@@ -246,7 +248,7 @@ def _optimizer_step(run: _Run, batch_indices: list[int]) -> dict[str, Any]:
     """Forward, backward, clip and step on one batch; returns the step's log record."""
     config, ctx = run.config, run.ctx
     batch = {k: v.to(ctx.device, non_blocking=True) for k, v in run.collate(batch_indices).items()}
-    loss = run.model(**batch).loss
+    loss = step_loss(config.objective, run.model, run.base, batch)
     loss.backward()
     grad_norm = None
     if config.max_grad_norm is not None:

