@@ -4,11 +4,22 @@ Environment switches:
   ISM_EXT_FORCE_CPU=1     build the CPU-only extension even where CUDA is available
   TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (read by torch's BuildExtension),
                           e.g. "9.0a" for Hopper or "8.0;9.0a"
+  CUTLASS_INCLUDE_DIR     the CUTLASS/CuTe headers (the folder that holds cute/ and cutlass/); without
+                          it they are looked for in the installed `nvidia-cutlass` package
+                          (cutlass_library/source/include). The CI build needs neither.
   MAX_JOBS                parallel compile jobs (ninja)
+
+The Hopper forward kernel (csrc/cuda/hopper_*.cu: TMA, wgmma, warp specialisation) is compiled only
+into CUDA builds whose TORCH_CUDA_ARCH_LIST names 9.0a (wgmma and setmaxnreg need the arch-specific
+target; plain 9.0 is not enough) and that find the CUTLASS headers; it then defines ISM_WITH_HOPPER_FWD
+and runs when ISM_EXT_HOPPER_FWD=1 asks for it. Otherwise those files are left out, the build says why,
+and the FA2-class kernel serves every GPU as before.
 """
 
 import glob
+import importlib.util
 import os
+import re
 import sys
 
 import torch
@@ -29,6 +40,42 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _cutlass_include() -> str | None:
+    """The CUTLASS include folder (holding cute/tensor.hpp), or None when there is none."""
+    candidates = []
+    if os.environ.get("CUTLASS_INCLUDE_DIR"):
+        candidates.append(os.environ["CUTLASS_INCLUDE_DIR"])
+    spec = importlib.util.find_spec("cutlass_library")  # the nvidia-cutlass wheel; not imported
+    if spec is not None and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "source", "include"))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+            return os.path.abspath(path)
+    return None
+
+
+def _arch_list_has_sm90a() -> bool:
+    """True when TORCH_CUDA_ARCH_LIST names 9.0a ("9.0a", "9.0a+PTX", among others split by ; or space)."""
+    archs = re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())
+    return any(a.split("+")[0].lower() == "9.0a" for a in archs if a)
+
+
+def _hopper_sources() -> tuple[list[str], list[str]]:
+    """(sources, flags) of the Hopper forward kernel for this build: both empty when it is left out."""
+    cu = _sources("csrc/cuda/hopper_*.cu")
+    include = _cutlass_include()
+    if not _arch_list_has_sm90a():
+        print("ism_ext: Hopper forward kernel not built: TORCH_CUDA_ARCH_LIST does not name 9.0a "
+              f"({os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')!r}); e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0a'")
+        return [], []
+    if include is None:
+        print("ism_ext: Hopper forward kernel not built: no CUTLASS headers (set CUTLASS_INCLUDE_DIR or "
+              "pip install nvidia-cutlass==4.2.0.0)")
+        return [], []
+    print(f"ism_ext: Hopper forward kernel built for sm_90a with CUTLASS from {include}")
+    return cu, [f"-I{include}", "-DISM_WITH_HOPPER_FWD"]
+
+
 def _abi_flag() -> list[str]:
     # The libstdc++ ABI must be torch's: std::string and friends cross into libc10 and must have the
     # same layout on both sides. torch's own value, stated explicitly, whatever the compiler's default
@@ -38,19 +85,23 @@ def _abi_flag() -> list[str]:
 
 
 def _extension():
-    cpp = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # The Hopper kernel's plan as test ops (plain C++, no CUDA): in every build, CPU-only ones too.
+    cpp = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/cuda/hopper_fwd_plan_op.cpp")
     cxx_flags = ["-O3", "-std=c++17", *_abi_flag()]
     if sys.platform != "darwin":
         # at::parallel_for is a header template that opens an OpenMP region in the caller's object
         # file: without -fopenmp here it would silently run on one thread.
         cxx_flags.append("-fopenmp")
     if _want_cuda():
-        cu = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+        hopper_cu, hopper_flags = _hopper_sources()
+        cu = [f for f in _sources("csrc/cuda/*.cu") if not os.path.basename(f).startswith("hopper_")] + hopper_cu
+        cu += [f for f in _sources("csrc/cuda/*.cpp") if f not in cpp]
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *_abi_flag()]
         return CUDAExtension(
             "ism_ext._C",
             cpp + cu,
-            extra_compile_args={"cxx": cxx_flags + ["-DISM_WITH_CUDA"], "nvcc": nvcc_flags + ["-DISM_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags + ["-DISM_WITH_CUDA", *hopper_flags],
+                                "nvcc": nvcc_flags + ["-DISM_WITH_CUDA", *hopper_flags]},
         )
     return CppExtension("ism_ext._C", cpp, extra_compile_args={"cxx": cxx_flags})
 

@@ -1,5 +1,5 @@
-"""GPU prefill/training attention: the ism CUDA kernels against SDPA (causal, flash), FlexAttention and SDPA
-with a dense mask, forward, backward and forward + backward.
+"""GPU prefill/training attention: the ism CUDA kernels against SDPA (causal: cuDNN and flash), FlexAttention
+and SDPA with a dense mask, forward, backward and forward + backward.
 
     python benchmarks/bench_prefill_gpu.py                      # forward sweep -> results/gpu_prefill_fwd.*
     python benchmarks/bench_prefill_gpu.py --bench bwd fwd_bwd  # -> results/gpu_prefill_bwd.*, gpu_prefill_fwd_bwd.*
@@ -11,30 +11,40 @@ Layouts (one per sequence, every sequence of the batch the same):
   mas   a MAS prefill: a system block (1/4), a user block (1/2), both bidirectional, then the
         answer (1/4), causal
 Impls:
-  ism          torch.ops.ism.segment_attn_fwd on the packed batch (max_seqlen given: no sync)
-  sdpa_causal  SDPA with is_causal=True, flash backend: the causal mask, not the same mask, but the
-               same amount of work within a few percent -- the speed to reach
+  ism          torch.ops.ism.segment_attn_fwd on the packed batch (max_seqlen given: no sync), the
+               default kernel (FA2-class, sm_80)
+  ism_hopper   the same with ISM_EXT_HOPPER_FWD=1: the Hopper forward kernel (TMA, wgmma,
+               warp-specialised); forward only (the backward is the same as ism's); an error record
+               where the build or the GPU has no Hopper kernel
+  sdpa_cudnn   SDPA with is_causal=True on the cuDNN backend (FA3 class on Hopper): the speed to reach
+  sdpa_causal  SDPA with is_causal=True, flash backend (FlashAttention-2): the causal mask, not the
+               same mask, but the same amount of work within a few percent
   flex         FlexAttention with mask_mod kv_idx < kv_limit[q_idx]; block mask built once (its build
                time is mask_build_ms, not in ms_median), compiled once per shape
   sdpa_dense   SDPA with the dense boolean [L, L] mask (what users do today); mask_build_ms is the
                time to build it
-Sizes: bfloat16, head dims 64/128, 1k-16k tokens per sequence; batch = total_tokens // tokens and
+Sizes: bfloat16, head dims 64/128, 2k-16k tokens per sequence; batch = total_tokens // tokens and
 heads = 2048 // head_dim (FlashAttention's benchmark convention), so every shape fills the GPU.
+
+The bf16 matmul ceiling of the GPU is measured once per run (an 8192^3 bf16 product, random data, the
+median of repeats) and every record carries it as matmul_tflops, so each TFLOP/s figure can be read as a
+fraction of what the tensor cores gave in the same run.
 
 Benches: fwd (the forward alone), bwd (the backward alone: autograd.grad of a retained graph), fwd_bwd
 (both, as one training step of the layer). Every record: bench=prefill_fwd | prefill_bwd |
 prefill_fwd_bwd, impl, scheme, dtype, head_dim, tokens, batch, heads, ms_median (CUDA events, median
 after warm-up), pairs (visible (query, key) pairs of the mask the impl computes, all sequences and one
 head), tflops (forward 4 * head_dim * heads * pairs, backward 2.5x that, docs/performance.md, over the time),
-mask_build_ms, and the environment (gpu, torch, cuda, commit). ism records also carry
-max_abs_diff_vs_flex and max_rel_diff_vs_flex (the output's, or for bwd the largest of dq, dk and
-dv; relative to the largest magnitude of flex's).
+mask_build_ms, and the environment (gpu, torch, cuda, commit, matmul_tflops). ism and ism_hopper records
+also carry max_abs_diff_vs_flex and max_rel_diff_vs_flex (the output's, or for bwd the largest of dq, dk
+and dv; relative to the largest magnitude of flex's).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,8 +58,22 @@ from tqdm import tqdm
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
 from ism_ext.masks import dense_mask, kv_limit_for_turns
 
-IMPLS = ["ism", "sdpa_causal", "flex", "sdpa_dense"]
+IMPLS = ["ism", "ism_hopper", "sdpa_cudnn", "sdpa_causal", "flex", "sdpa_dense"]
+MINE = ["ism", "ism_hopper"]
+BASELINES = ["sdpa_cudnn", "sdpa_causal", "flex"]
 BENCHES = list(FLOP_FACTOR)
+HOPPER_FWD_ENV = "ISM_EXT_HOPPER_FWD"
+
+
+def matmul_ceiling_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """TFLOP/s of one size^3 bf16 matrix product on random data (median of repeats): the ceiling the
+    attention figures are read against."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    mats = [torch.randn(size, size, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    ms = median_ms(lambda: mats[0] @ mats[1], repeats, warmup=3, device="cuda")
+    mats.clear()
+    torch.cuda.empty_cache()
+    return 2.0 * size**3 / (ms * 1e-3) / 1e12
 
 
 def scheme_kv_limit(scheme: str, tokens: int) -> torch.Tensor:
@@ -90,17 +114,40 @@ def compiled_flex(kv_limit: torch.Tensor, tokens: int) -> tuple[Callable[..., to
 def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale: float):
     """Returns (fn(q, k, v) -> out, mask_build_ms, kv_limit of the mask it computes) for q/k/v [B, L, H, D]."""
     dev = kv_limit.device
-    if impl == "ism":
+    if impl in ("ism", "ism_hopper"):
         lim = kv_limit.repeat(batch)
         cu = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.int32, device=dev)
         op = torch.ops.ism.segment_attn_fwd
+        hopper = impl == "ism_hopper"
 
         def fn(q, k, v):
             b, n, h, d = q.shape
-            out, _ = op(q.view(b * n, h, d), k.view(b * n, -1, d), v.view(b * n, -1, d), lim, cu, cu, n, n, scale)
+            # The switch is read at every call: set for this call only, so that "ism" keeps the default.
+            previous = os.environ.get(HOPPER_FWD_ENV)
+            if hopper:
+                os.environ[HOPPER_FWD_ENV] = "1"
+            try:
+                out, _ = op(q.view(b * n, h, d), k.view(b * n, -1, d), v.view(b * n, -1, d), lim, cu, cu, n, n,
+                            scale)
+            finally:
+                if hopper:
+                    if previous is None:
+                        os.environ.pop(HOPPER_FWD_ENV, None)
+                    else:
+                        os.environ[HOPPER_FWD_ENV] = previous
             return out.view(b, n, h, d)
 
         return fn, 0.0, kv_limit
+    if impl == "sdpa_cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, scale=scale)
+            return out.transpose(1, 2)
+
+        return fn, 0.0, torch.arange(1, tokens + 1, dtype=torch.int32)
     if impl == "sdpa_causal":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -178,6 +225,8 @@ def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls
             try:
                 if fn is None:
                     raise RuntimeError(setup_error)
+                if impl == "ism_hopper" and bench != "fwd":
+                    raise NotImplementedError("ism_hopper is a forward kernel: its backward is ism's")
                 ms, results[bench][impl] = timed_call(fn, q, k, v, bench, repeats, warmup)
                 flops = attention_flops(computed, heads, head_dim, bench) * batch
                 rec.update(ms_median=ms, tflops=flops / (ms * 1e-3) / 1e12, pairs=visible_pairs(computed) * batch,
@@ -188,15 +237,17 @@ def run_config(scheme: str, tokens: int, head_dim: int, total_tokens: int, impls
                 torch.cuda.empty_cache()
             records.append({**rec, **env})
     for bench, res in results.items():
-        if "ism" in res and "flex" in res:
+        for mine in MINE:
+            if mine not in res or "flex" not in res:
+                continue
             # Largest over the outputs (out, or dq/dk/dv): the absolute difference, and relative to
             # the largest magnitude of flex's tensor.
             diffs = [((a.float() - b.float()).abs().max().item(), b.float().abs().max().item())
-                     for a, b in zip(res["ism"], res["flex"], strict=True)]
+                     for a, b in zip(res[mine], res["flex"], strict=True)]
             diff = max(d for d, _ in diffs)
             rel = max(d / max(scale, 1e-30) for d, scale in diffs)
             for r in records:
-                if r["impl"] == "ism" and r["bench"] == f"prefill_{bench}":
+                if r["impl"] == mine and r["bench"] == f"prefill_{bench}":
                     r["max_abs_diff_vs_flex"], r["max_rel_diff_vs_flex"] = diff, rel
     return records
 
@@ -213,7 +264,8 @@ def plot(records: list[dict[str, Any]], path, what: str = "prefill forward") -> 
     dims = sorted({r["head_dim"] for r in ok}) or [128]
     fig, axes = plt.subplots(len(schemes), len(dims), figsize=(max(8.0, 5.5 * len(dims)), 4.2 * len(schemes)),
                              squeeze=False)
-    colors = {"ism": "tab:blue", "sdpa_causal": "tab:gray", "flex": "tab:green", "sdpa_dense": "tab:red"}
+    colors = {"ism": "tab:blue", "ism_hopper": "tab:purple", "sdpa_cudnn": "black", "sdpa_causal": "tab:gray",
+              "flex": "tab:green", "sdpa_dense": "tab:red"}
     for (i, scheme), (j, hd) in itertools.product(enumerate(schemes), enumerate(dims)):
         ax = axes[i][j]
         for impl, color in colors.items():
@@ -224,6 +276,9 @@ def plot(records: list[dict[str, Any]], path, what: str = "prefill forward") -> 
         ax.set(xscale="log", xlabel="tokens per sequence", ylabel="TFLOP/s (visible pairs)",
                title=f"{scheme} layout, head dim {hd}, bf16")
         ax.set_xscale("log", base=2)
+        ceiling = next((r.get("matmul_tflops") for r in ok), None)
+        if ceiling:
+            ax.axhline(ceiling, color="tab:orange", linestyle="--", linewidth=1, label=f"bf16 matmul {ceiling:.0f}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     env = ok[0] if ok else {}
@@ -235,27 +290,36 @@ def plot(records: list[dict[str, Any]], path, what: str = "prefill forward") -> 
 
 
 def print_table(records: list[dict[str, Any]], impls: list[str]) -> None:
-    """One line per (scheme, head dim, tokens): ms and TFLOP/s of each impl, and ism's speed ratios."""
+    """One line per (scheme, head dim, tokens): ms and TFLOP/s of each impl, the speed ratios of ism and
+    ism_hopper to the baselines, and their share of the measured bf16 matmul ceiling."""
     key = lambda r: (r["scheme"], r["head_dim"], r["tokens"])  # noqa: E731
-    print(f"{'scheme':<7}{'d':>4}{'tokens':>7}{'batch':>6}  " + "".join(f"{i:>20}" for i in impls)
-          + "   ism/causal  ism/flex")
+    mine = [m for m in MINE if m in impls]
+    pairs = [(m, b) for m in mine for b in BASELINES if b in impls]
+    short = {"ism": "ism", "ism_hopper": "hop", "sdpa_cudnn": "cudnn", "sdpa_causal": "fa2", "flex": "flex"}
+    print(f"{'scheme':<7}{'d':>4}{'tokens':>7}{'batch':>6}  " + "".join(f"{i:>20}" for i in impls) + "  " +
+          "".join(f"{short[m] + '/' + short[b]:>10}" for m, b in pairs) +
+          "".join(f"{short[m] + '/mm':>9}" for m in mine))
     for (scheme, hd, tokens), group in itertools.groupby(sorted(records, key=key), key=key):
         by_impl = {r["impl"]: r for r in group}
-        batch = next(iter(by_impl.values()))["batch"]
+        first = next(iter(by_impl.values()))
         cells = [f"{by_impl[i]['ms_median']:8.3f} {by_impl[i]['tflops']:6.1f}" if "tflops" in by_impl.get(i, {})
                  else "error" for i in impls]
         ratios = []
-        for other in ("sdpa_causal", "flex"):
-            a, b = by_impl.get("ism", {}), by_impl.get(other, {})
-            ratios.append(f"{a['tflops'] / b['tflops']:9.2f}" if "tflops" in a and "tflops" in b else f"{'-':>9}")
-        print(f"{scheme:<7}{hd:>4}{tokens:>7}{batch:>6}  " + "".join(f"{c:>20}" for c in cells) + "  " +
-              " ".join(ratios))
+        for m, b in pairs:
+            a, c = by_impl.get(m, {}), by_impl.get(b, {})
+            ratios.append(f"{a['tflops'] / c['tflops']:10.2f}" if "tflops" in a and "tflops" in c else f"{'-':>10}")
+        ceiling = first.get("matmul_tflops")
+        for m in mine:
+            a = by_impl.get(m, {})
+            ratios.append(f"{a['tflops'] / ceiling:9.2f}" if "tflops" in a and ceiling else f"{'-':>9}")
+        print(f"{scheme:<7}{hd:>4}{tokens:>7}{first['batch']:>6}  " + "".join(f"{c:>20}" for c in cells) + "  " +
+              "".join(ratios))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", nargs="+", default=["fwd"], choices=BENCHES)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--schemes", nargs="+", default=["ism", "mas"])
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
@@ -273,12 +337,14 @@ def main() -> None:
         args.tokens, args.head_dims, args.repeats = [2048, 8192], [128], 10
 
     env = environment()
+    env["matmul_tflops"] = matmul_ceiling_tflops()
     records: list[dict[str, Any]] = []
     configs = list(itertools.product(args.schemes, args.head_dims, args.tokens))
     for scheme, hd, tokens in tqdm(configs, desc="shapes", unit="shape"):
         records += run_config(scheme, tokens, hd, args.total_tokens, args.impls, args.bench, args.repeats,
                               args.warmup, env)
-    print(f"\n{env.get('gpu')}  torch {env['torch']}  CUDA {env['cuda']}  (ms median / TFLOP/s)")
+    print(f"\n{env.get('gpu')}  torch {env['torch']}  CUDA {env['cuda']}  bf16 matmul ceiling "
+          f"{env['matmul_tflops']:.0f} TFLOP/s  (ms median / TFLOP/s)")
     titles = {"fwd": "prefill forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
     for bench in args.bench:
         mine = [r for r in records if r["bench"] == f"prefill_{bench}"]

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_suite.sh build test sanitize small_tiles bench train   # everything
 #   bash benchmarks/gpu_suite.sh build test                        # build and the CUDA tests only
 #   bash benchmarks/gpu_suite.sh build small_tiles                 # the small-tile backward only
+#   bash benchmarks/gpu_suite.sh build kvcache hf_gpu decode_bench # the KV-cache kernel, HF on GPU, decode bench
+#   CUTLASS_INCLUDE_DIR=... bash benchmarks/gpu_suite.sh build hopper  # the sm_90a forward (ISM_EXT_HOPPER_FWD)
 #   bash benchmarks/gpu_suite.sh build profile ncu                 # where the backward's time goes
 # Steps: build (setup.py build_ext --inplace, -Xptxas -v report in build.log), test (the CUDA test
 # files, the KV-cache composite path included), sanitize (compute-sanitizer memcheck and racecheck on
@@ -60,6 +62,56 @@ for what in "$@"; do
         echo "$tool: $(tail -3 "$OUT/small_tiles_sanitize_$tool.log" | tr '\n' ' ')"
       done
       unset ISM_EXT_BWD_SMALL_TILES
+      ;;
+    kvcache)
+      step kvcache
+      # The kernel tests set ISM_EXT_KVCACHE_KERNEL themselves (the composite tests must not see it).
+      timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 tests/test_kvcache_cuda.py -k kernel \
+        tests/test_kvcache_dispatch.py 2>&1 | tee "$OUT/kvcache_test.log" | tail -30
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      for tool in memcheck racecheck; do
+        timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" \
+          tests/cuda/kvcache_sanitize_case.py >"$OUT/kvcache_sanitize_$tool.log" 2>&1 || status=1
+        echo "$tool: $(tail -3 "$OUT/kvcache_sanitize_$tool.log" | tr '\n' ' ')"
+      done
+      ;;
+    decode_bench)
+      step decode_bench
+      touch "$OUT/.decode_start"
+      (cd benchmarks && timeout "${DECODE_TIMEOUT:-600}" "$PY" bench_decode.py --device cuda ${DECODE_ARGS:-} 2>&1) \
+        | tee "$OUT/decode_bench.log" | tail -70
+      copy_new_results decode_gpu "$OUT/.decode_start"
+      rm -f "$OUT/.decode_start"
+      ;;
+    hf_gpu)
+      step hf_gpu
+      # transformers, chat, opcheck and torch.compile on the GPU (the KV-cache test file holds their GPU cases).
+      timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 tests/test_kvcache_cuda.py \
+        -k "generation or smollm2 or opcheck or compile" 2>&1 | tee "$OUT/hf_gpu_test.log" | tail -20
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      ;;
+    hopper)
+      step hopper
+      # Needs CUTLASS_INCLUDE_DIR (the headers of nvidia-cutlass==4.2.0.0, see requirements-gpu.txt) at build time.
+      "$PY" -c "import torch, ism_ext; assert torch.ops.ism._cuda_hopper_fwd_built(), 'built without the Hopper kernel: see build.log'" \
+        2>&1 | tee "$OUT/hopper.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || { status=1; continue; }
+      nvcc -std=c++17 -O2 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -Icsrc -I"${CUTLASS_INCLUDE_DIR:?}" \
+        tests/cuda/hopper_gmma_tma_test.cu -o /tmp/hopper_gmma_tma_test >>"$OUT/hopper.log" 2>&1 \
+        && timeout 120 /tmp/hopper_gmma_tma_test 2>&1 | tee -a "$OUT/hopper.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 -k hopper \
+        tests/test_segment_attention_cuda.py tests/test_hopper_fwd_cuda.py 2>&1 | tee "$OUT/hopper_test.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+      for tool in memcheck racecheck synccheck; do
+        timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" \
+          tests/cuda/hopper_sanitize_case.py >"$OUT/hopper_sanitize_$tool.log" 2>&1 || status=1
+        echo "$tool: $(tail -3 "$OUT/hopper_sanitize_$tool.log" | tr '\n' ' ')"
+      done
+      touch "$OUT/.bench_start"
+      (cd benchmarks && timeout "${BENCH_TIMEOUT:-900}" "$PY" bench_prefill_gpu.py --bench fwd --suffix _hopper \
+        ${HOPPER_BENCH_ARGS:-} 2>&1) | tee "$OUT/hopper_bench.log" | tail -40
+      copy_new_results gpu_prefill_fwd_hopper "$OUT/.bench_start"
       ;;
     bench)
       step bench

@@ -38,7 +38,8 @@ def tiny(tmp_path_factory):
 
 
 def test_shipped_prompts_are_the_generator_output_and_split():
-    assert DEFAULT_PROMPTS.read_text(encoding="utf-8") == make_distill_prompts.to_jsonl(make_distill_prompts.make_prompts())
+    generated = make_distill_prompts.to_jsonl(make_distill_prompts.make_prompts())
+    assert DEFAULT_PROMPTS.read_text(encoding="utf-8") == generated
     train_split, held = load_prompts(DEFAULT_PROMPTS, "train"), load_prompts(DEFAULT_PROMPTS, "heldout")
     assert len(train_split) + len(held) == 300 and len(held) == 50
     assert sum(len(p["user"]) for p in train_split + held) >= 600  # a few hundred user turns and more

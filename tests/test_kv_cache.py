@@ -754,3 +754,14 @@ def test_kvcache_built_under_inference_mode_is_writable_outside_it(paged):
     cache.append_and_attend(0, q, k, v)
     cache.truncate(0, 2)
     assert cache.lengths(0) == [2]
+
+
+@pytest.mark.usefixtures("impl")
+@pytest.mark.parametrize("lq", [0, 1, 5])
+def test_op_empty_batch(lq):
+    k_cache = torch.randn(2, 32, 2, 16)
+    v_cache = torch.randn_like(k_cache)
+    q, k_new, v_new = (torch.randn(0, lq, h, 16) for h in (4, 2, 2))
+    out, lse = attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=torch.zeros(0, dtype=I32),
+                                 return_lse=True)
+    assert out.shape == (0, lq, 4, 16) and lse.shape == (0, 4, lq)

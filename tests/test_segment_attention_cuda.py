@@ -5,15 +5,22 @@ bfloat16 and float16, head dims 64 and 128, GQA groups 1/2/4/8, packed variable-
 lengths 1..4097 around the tile edges (64/128 query rows, 64 keys), and sequences with more keys than
 queries. Each call's outputs land in memory that was just filled with NaN (through the caching
 allocator), so a row the kernel forgets to write shows up as NaN. Skipped without a CUDA device.
+
+Every test runs twice: with the default (FA2-class, sm_80) kernel, and with the Hopper kernel forced
+(ISM_EXT_HOPPER_FWD=1, csrc/cuda/hopper_fwd_kernel.cuh), whose variant is skipped unless this build has
+it and the device is compute capability 9.0 (`-k hopper` selects that variant alone). In the Hopper
+variant every call with rows and keys must have launched the Hopper kernel, so no test passes on the
+other one by a silent fallback.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
-from cuda_utils import DEV, assert_lse_close, cuda_marks, poison_allocator, random_varlen_case
+from cuda_utils import DEV, assert_lse_close, cuda_marks, has_cuda_kernel, poison_allocator, random_varlen_case
 from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
@@ -27,6 +34,35 @@ DTYPES = list(TOL)
 SCHEMES = ["ism", "mas", "prefix_lm", "causal", "random", "full", "empty"]
 
 
+# Set to "1", it makes the CUDA forward run the Hopper kernel; read at every forward call. The call
+# raises where the build or the device has none.
+HOPPER_FWD_ENV = "ISM_EXT_HOPPER_FWD"
+
+
+def hopper_fwd_available() -> tuple[bool, str]:
+    """(whether the Hopper forward kernel can run here, why not)."""
+    if not has_cuda_kernel("segment_attn_fwd"):
+        return False, "no CUDA device or no CUDA kernels"
+    if not torch.ops.ism._cuda_hopper_fwd_built():
+        return False, "ism_ext was built without the Hopper kernel (no CUTLASS headers or no 9.0a arch)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return False, f"the Hopper kernel needs compute capability 9.0, not {torch.cuda.get_device_capability()}"
+    return True, ""
+
+
+@pytest.fixture(autouse=True, params=["default", "hopper"])
+def fwd_kernel(request, monkeypatch):
+    """The forward kernel under test: the default one, or the Hopper one forced by its switch."""
+    if request.param == "hopper":
+        available, why = hopper_fwd_available()
+        if not available:
+            pytest.skip(why)
+        monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+    else:
+        monkeypatch.delenv(HOPPER_FWD_ENV, raising=False)
+    return request.param
+
+
 def _cuda_args(case: Case):
     return [t.to(DEV) for t in (case.q, case.k, case.v, case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k)]
 
@@ -34,10 +70,16 @@ def _cuda_args(case: Case):
 def _fwd(case: Case, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, stream=None):
     q, k, v, lim, cu_q, cu_k = _cuda_args(case)
     poison_allocator((tuple(q.shape), q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
+    hopper = os.environ.get(HOPPER_FWD_ENV) == "1"
+    launches = torch.ops.ism._cuda_hopper_fwd_launches() if hopper else 0
     with torch.cuda.stream(stream or torch.cuda.current_stream()):
         out, lse = torch.ops.ism.segment_attn_fwd(q, k, v, lim, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                                   case.softmax_scale)
     torch.cuda.synchronize()
+    if hopper:
+        # The Hopper kernel runs every call with rows and keys (no keys at all: the sm_80 kernel).
+        expected = 1 if q.shape[0] > 0 and k.shape[0] > 0 else 0
+        assert torch.ops.ism._cuda_hopper_fwd_launches() - launches == expected, "the Hopper kernel did not run"
     return out, lse
 
 

@@ -235,6 +235,7 @@ void attend(const KVCacheAttnParams& p) {
 
 template <typename T>
 void kvcache_impl(const KVCacheAttnParams& p) {
+  if (p.batch == 0) return;  // an empty batch: nothing to write or attend
   if (p.seqlen_new > 0) append<T>(p);
   if (p.seqlen_q > 0) attend<T>(p);
 }

@@ -10,6 +10,9 @@ owns the whole row ``b``; ``kv_limit`` keeps the unwritten tail invisible, and t
 beyond it). Other row orders (``cache_batch_idx``) and paged caches are gathered into a contiguous copy of
 the rows first: O(cache) per call, correct but slower than the dedicated kernel will be. The checks read
 the small index tensors on the host: one device synchronisation per call.
+
+The CUDA entry of the op (`kvcache_dispatch.attn_with_kvcache_cuda`) runs this composite unless the dedicated
+kernel is asked for and covers the call.
 """
 
 from __future__ import annotations
