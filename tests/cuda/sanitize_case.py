@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python tests/cuda/sanitize_case.py
 
 Small packed batches that still cover several query and key tiles, a partial last tile, GQA, empty
-rows, more keys than queries, both dtypes and head dims, and both backward modes. Prints the largest
+rows, more keys than queries, both dtypes and head dims, both backward modes, and max_seqlen hints below
+the longest sequence (wrong numbers allowed, no access out of bounds). Prints the largest
 gradient error against the float64 reference so that a run under the sanitizer is also a check.
 """
 
@@ -41,8 +42,19 @@ def main() -> None:
                 for mine, expected in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
                     err = (mine.detach().cpu().double() - expected).abs().max().item()
                     worst = max(worst, err / max(1.0, expected.abs().max().item()))
+    too_small_hints()
     torch.cuda.synchronize()
     print(f"sanitize_case: every kernel ran; largest relative error {worst:.3g}")
+
+
+def too_small_hints() -> None:
+    """max_seqlen hints below the longest sequence: wrong numbers are allowed, accesses out of bounds not."""
+    case = make_case([300, 40], [300, 40], heads_q=2, heads_kv=2, head_dim=64, dtype=torch.bfloat16,
+                     limits="ism", seed=7)
+    q, k, v = (t.cuda().requires_grad_() for t in (case.q, case.k, case.v))
+    out = ism_ext.segment_attention(q, k, v, case.kv_limit.cuda(), cu_seqlens_q=case.cu_seqlens_q.cuda(),
+                                    cu_seqlens_k=case.cu_seqlens_k.cuda(), max_seqlen_q=64, max_seqlen_k=64)
+    out.float().sum().backward()
 
 
 if __name__ == "__main__":
