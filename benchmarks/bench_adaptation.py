@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ism_ext.integrations.hf.models import DEFAULT_ADAPTER, load_chat_model
 from ism_ext.training import tokenize_triplet
-from ism_ext.training.teacher import DEFAULT_PROMPTS, answer_dialogues, load_prompts
+from ism_ext.training.teacher import DEFAULT_PROMPTS, answer_dialogues, left_pad, load_prompts
 from ism_ext.turns import IGNORE_INDEX, render_dialogue, tokenize_dialogue, tokenize_rendered
 
 QA = pathlib.Path(__file__).resolve().parent / "data" / "short_answer_qa.jsonl"
@@ -60,13 +60,9 @@ def greedy(model, tok, prompts: list[list[dict]], scheme: str, max_new_tokens: i
     for start in range(0, len(prompts), batch):
         rows = [tokenize_rendered(tok, render_dialogue(tok, p, add_generation_prompt=True), scheme)
                 for p in prompts[start:start + batch]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        blocks = torch.full_like(ids, -1)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], blocks[b, width - len(r):], mask[b, width - len(r):] = (
-                r.input_ids, r.block_sequence_ids, 1)
+        ids, mask = left_pad([r.input_ids for r in rows], pad)
+        blocks, _ = left_pad([r.block_sequence_ids for r in rows], -1)
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, block_sequence_ids=blocks, max_new_tokens=max_new_tokens,
                                  do_sample=False, top_k=None, top_p=None, temperature=None,
@@ -91,12 +87,14 @@ def round_prompts(tok, dialogues: list[dict]) -> tuple[list[list[dict]], list[li
 
 
 def answer_match(model, tok, prompts, targets, scheme: str) -> float:
+    """The fraction of prompts whose greedy answer under ``scheme`` starts with the teacher's MATCH_TOKENS."""
     got = greedy(model, tok, prompts, scheme, MATCH_TOKENS)
     same = [g[: min(MATCH_TOKENS, len(t))] == t[:MATCH_TOKENS] for g, t in zip(got, targets, strict=True)]
     return sum(same) / len(same)
 
 
 def accuracy(model, tok, scheme: str) -> tuple[float, int]:
+    """The fraction of QA questions answered with an accepted word under ``scheme``, and how many there are."""
     rows = [json.loads(line) for line in QA.read_text().splitlines() if line.strip()]
     prompts = [[{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": r["question"]}]
                for r in rows]

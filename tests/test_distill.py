@@ -115,6 +115,7 @@ def test_distill_command_end_to_end(tiny, tmp_path):
     assert resumed[:8] == log and len(resumed) == 10
     assert (export / "adapter_model.safetensors").is_file() and "python -m ism_ext distill" in (
         export / "README.md").read_text()
+    assert json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
     merged, _ = load_chat_model(str(folder), adapter=export)
     base, _ = load_chat_model(str(folder))
     ids = torch.tensor([[3, 4, 5, 6]])

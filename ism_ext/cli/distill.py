@@ -69,15 +69,20 @@ def teacher_file(args: argparse.Namespace) -> pathlib.Path:
                                args.max_new_tokens, make)
 
 
-def export(checkpoint: pathlib.Path, out: pathlib.Path, target: pathlib.Path, command: str) -> None:
-    """The adapter of ``checkpoint`` in float16, the loss log and a README, into ``target``."""
+def export(checkpoint: pathlib.Path, out: pathlib.Path, target: pathlib.Path, command: str,
+           base_model: str) -> None:
+    """The adapter of ``checkpoint`` in float16 (for ``base_model``), the loss log and a README, into ``target``."""
     import torch
     from safetensors.torch import load_file, save_file
 
     target.mkdir(parents=True, exist_ok=True)
     weights = load_file(checkpoint / "adapter_model.safetensors")
     save_file({k: v.to(torch.float16) for k, v in weights.items()}, target / "adapter_model.safetensors")
-    shutil.copy(checkpoint / "adapter_config.json", target / "adapter_config.json")
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    # peft records the base model's local folder (a venv path here); the adapter is loaded onto a model
+    # the caller builds, so it names the model as `--model` did, which holds on any machine.
+    config["base_model_name_or_path"] = base_model
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copy(out / "loss.jsonl", target / "loss.jsonl")
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
     (target / "README.md").write_text(
@@ -109,5 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"done: step {result['final_step']}, KL {result['losses'][-1]:.4f}, checkpoint {result['checkpoint']}")
     if args.export:
-        export(pathlib.Path(result["checkpoint"]), pathlib.Path(args.out), pathlib.Path(args.export), command)
+        export(pathlib.Path(result["checkpoint"]), pathlib.Path(args.out), pathlib.Path(args.export), command,
+               args.model)
         print(f"adapter written to {args.export}")

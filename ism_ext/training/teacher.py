@@ -18,7 +18,7 @@ import torch
 
 from ..turns import render_dialogue, tokenize_rendered
 
-__all__ = ["DEFAULT_PROMPTS", "answer_dialogues", "cached_teacher_file", "load_prompts"]
+__all__ = ["DEFAULT_PROMPTS", "answer_dialogues", "cached_teacher_file", "left_pad", "load_prompts"]
 
 DEFAULT_PROMPTS = pathlib.Path(__file__).with_name("datasets") / "distill_prompts.jsonl"
 
@@ -42,17 +42,22 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenize_rendered(tokenizer, rendered, "causal").input_ids.tolist()
 
 
+def left_pad(rows: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D rows stacked right-aligned into ``[B, longest]`` filled with ``value``, and the mask of real entries."""
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), value, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        padded[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return padded, mask
+
+
 def _generate_round(model: Any, tokenizer: Any, dialogues: list[list[dict[str, str]]],
                     max_new_tokens: int) -> list[str]:
     """Greedy answers of the causal model to a batch of dialogues (left padding)."""
-    prompts = [_prompt_ids(tokenizer, d) for d in dialogues]
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
+    ids, mask = left_pad([torch.tensor(_prompt_ids(tokenizer, d)) for d in dialogues], pad)
+    width = ids.shape[1]
     device = model.device
     with torch.inference_mode():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
