@@ -92,13 +92,18 @@ def git_commit() -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Fields every record carries: device, torch version, CUDA version, commit."""
+    """Fields every record carries: device, threads, torch and CUDA versions, commit, and the CPU instruction
+    sets that ran: torch's (`cpu_capability`) and the op's CPU kernels' (`kernel_isa`)."""
+    import ism_ext  # noqa: F401  (registers torch.ops.ism)
+
     env = {
         "device": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "commit": git_commit(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_isa": torch.ops.ism.cpu_kernel_isa(),
     }
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():

@@ -94,6 +94,12 @@ TORCH_LIBRARY(ism, m) {
       "-> ()");
 }
 
+TORCH_LIBRARY_FRAGMENT(ism, m) {
+  // Which instruction-set build of the CPU kernels runs in this process (csrc/cpu/isa_kernels.h): the
+  // widest the CPU and ATen's capability (ATEN_CPU_CAPABILITY) both allow.
+  m.def("cpu_kernel_isa() -> str", [] { return std::string(cpu::kernel_isa()); });
+}
+
 TORCH_LIBRARY_IMPL(ism, CPU, m) {
   m.impl("segment_attn_fwd", &segment_attn_fwd_cpu);
   m.impl("segment_attn_bwd", &segment_attn_bwd_cpu);

@@ -1,62 +1,61 @@
-// The forward inner loop of the CPU kernels: one query tile against the key tiles it can see,
-// with blocked online softmax (FlashAttention's algorithm). Shared by the packed varlen forward and
-// the KV-cache attention, which differ only in where the rows live (tile_io.h accessors).
+// The forward inner loop of the CPU kernels: one query tile against the key tiles it can see, with blocked
+// online softmax (FlashAttention's algorithm) on transposed score tiles (softmax_cols.h). Shared by the
+// packed varlen forward and the KV-cache attention, which differ only in where the rows live
+// (row_access.h).
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <vector>
+namespace ism::cpu::ISM_ISA_NS {
 
-#include "../tile_range.h"
-#include "segment_attn_cpu.h"
-#include "tile_io.h"
-#include "tile_math.h"
-
-namespace ism::cpu {
-
-// Per-thread tile buffers of the forward (float32; no buffer grows with the sequence).
+// Per-thread tile buffers of the forward (float32; none grows with the sequence).
 struct FwdScratch {
-  std::vector<float> q, kt, v, s, acc, row_max, row_sum;
-  std::vector<int> visible;
-  explicit FwdScratch(int d_pad)
-      : q(kTileQ * d_pad), kt(d_pad * kTileK), v(kTileK * d_pad), s(kTileQ * kTileK),
-        acc(kTileQ * d_pad), row_max(kTileQ), row_sum(kTileQ), visible(kTileQ) {}
+  std::vector<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale;
+  std::vector<int32_t> limit;
+  explicit FwdScratch(int d)
+      : qt(static_cast<size_t>(d) * kTileQ), st(kTileK * kTileQ), acc(static_cast<size_t>(kTileQ) * d),
+        k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d), row_max(kTileQ), row_sum(kTileQ),
+        alpha(kTileQ), out_scale(kTileQ), limit(kTileQ) {}
 };
 
-// Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and
-// lse[0..m) (natural log; -inf and a zero output for rows that see nothing). `max_limit` is the
-// largest limit of the m rows: key tiles at or past it are never read.
+inline int pad_lanes(int m) { return (m + Vec::W - 1) / Vec::W * Vec::W; }
+
+// Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
+// (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
+// `max_limit` is the largest limit of the m rows: key tiles at or past it are never read.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                        int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-  const int d_pad = round_up_lanes(d);
+  const int m_pad = pad_lanes(m);
   // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
-  load_tile(q, 0, m, d, softmax_scale * kLog2e, w.q.data(), d_pad);
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  std::fill(w.row_max.begin(), w.row_max.end(), -std::numeric_limits<float>::infinity());
-  std::fill(w.row_sum.begin(), w.row_sum.end(), 0.f);
-
+  pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), m_pad);
+  int min_limit = max_limit;
+  for (int r = 0; r < m_pad; ++r) {
+    w.limit[r] = r < m ? limit[r] : 0;
+    if (r < m) min_limit = std::min(min_limit, limit[r]);
+    w.row_max[r] = -std::numeric_limits<float>::infinity();
+    w.row_sum[r] = 0.f;
+  }
+  const SoftmaxState state{w.row_max.data(), w.row_sum.data(), w.alpha.data()};
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
-    load_tile_transposed(k, k0, n, d, w.kt.data(), kTileK);
-    load_tile(v, k0, n, d, 1.f, w.v.data(), d_pad);
-    for (int r = 0; r < m; ++r) w.visible[r] = visible_keys(limit[r], k0, n);
-
-    gemm_f32(m, kTileK, d, w.q.data(), d_pad, 1, w.kt.data(), kTileK, w.s.data(), kTileK, false);
-    softmax_tile_update(w.s.data(), m, kTileK, w.visible.data(), w.row_max.data(), w.row_sum.data(),
-                        w.acc.data(), d_pad, d_pad);
-    gemm_f32(m, d_pad, n, w.s.data(), kTileK, 1, w.v.data(), d_pad, w.acc.data(), d_pad, true);
+    const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
+    const FloatTile vt = stage_rows(v, k0, n, d, w.v.data());
+    gemm(n, m_pad, d, kt.p, kt.ld, 1, w.qt.data(), m_pad, w.st.data(), m_pad, CMode::kSet);
+    softmax_update_cols(w.st.data(), n, m_pad, m_pad, k0, !key_tile_is_full(min_limit, k0, n), w.limit.data(), state);
+    // acc = diag(alpha) acc + P V, P read from S^T through its strides; the first tile overwrites.
+    gemm(m, d, n, w.st.data(), 1, m_pad, vt.p, vt.ld, w.acc.data(), d, t == 0 ? CMode::kSet : CMode::kScaleAdd,
+         w.alpha.data());
   }
+  if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
 
   for (int r = 0; r < m; ++r) {
     const float l = w.row_sum[r];
-    // An empty row (kv_limit = 0) has l = 0: output 0 and lse -inf, never 0/0.
-    store_tile(w.acc.data() + r * d_pad, d_pad, 1, d, l > 0.f ? 1.f / l : 0.f, out, r);
-    lse[r] = l > 0.f ? (w.row_max[r] + std::log2(l)) * kLn2 : -std::numeric_limits<float>::infinity();
+    // A row that sees nothing has l = 0: output 0 and lse -inf, never 0/0. NaN passes through both.
+    w.out_scale[r] = l == 0.f ? 0.f : 1.f / l;
+    lse[r] = l == 0.f ? -std::numeric_limits<float>::infinity() : (w.row_max[r] + std::log2(l)) * kLn2;
   }
+  store_rows(w.acc.data(), d, m, d, w.out_scale.data(), out, 0);
 }
 
-}  // namespace ism::cpu
+}  // namespace ism::cpu::ISM_ISA_NS

@@ -6,12 +6,11 @@
 
 namespace ism::cpu {
 
-// Tile sizes of the CPU kernels. A key tile is converted (and K transposed) once per query tile,
-// so taller query tiles amortise that better: 128 x 64 measured faster than 64 x 64 on an AVX-512
-// machine at 2k-4k tokens. The working set of a tile (q, k, v, scores, accumulator at head dim 128:
-// about 200 KiB) stays inside a core's L2 cache.
+// Tile sizes of the CPU kernels. The transposed query tile is packed once per query tile and reused
+// against every key tile, so a tall query tile amortises it; the score tile (64 x 128 floats, 32 KiB) stays
+// in L1 between its two products and the softmax. Both are multiples of every vector width (4, 8, 16).
 constexpr int kTileQ = 128;
-constexpr int kTileK = 64;
+constexpr int kTileK = 128;
 
 // Scores are kept in the log2 domain (exp2 is cheaper than exp): q is scaled by
 // softmax_scale * log2(e) once, and the log-sum-exp converted back with ln(2).
@@ -27,5 +26,8 @@ void segment_attn_bwd_cpu(const SegmentAttnBwdParams& params);
 
 // Writes k_new/v_new into the cache at cache_seqlens[b].., then attends q over the updated cache.
 void kvcache_attn_cpu(const KVCacheAttnParams& params);
+
+// The instruction-set build the three entry points run: "avx512", "avx2" or "generic" (isa_kernels.h).
+const char* kernel_isa();
 
 }  // namespace ism::cpu

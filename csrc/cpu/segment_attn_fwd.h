@@ -3,18 +3,9 @@
 // A work item is one (sequence, query head, query tile). It walks the key tiles below the tile's
 // largest kv_limit (tile_range.h), so keys no row can see are never read, and keeps only
 // tile-sized float32 buffers: no Lq x Lk buffer exists at any point.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#pragma once
 
-#include <vector>
-
-#include "attend_tile.h"
-#include "query_tiles.h"
-#include "segment_attn_cpu.h"
-#include "work_queue.h"
-
-namespace ism::cpu {
-namespace {
+namespace ism::cpu::ISM_ISA_NS {
 
 template <typename T>
 void fwd_tile(const SegmentAttnFwdParams& p, const QueryTiles& tiles, const WorkItem& item, FwdScratch& w) {
@@ -44,15 +35,12 @@ void fwd_impl(const SegmentAttnFwdParams& p) {
       for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
     }
   }
-  const int d_pad = round_up_lanes(p.head_dim);
-  run_heavy_first(
-      items, [d_pad] { return FwdScratch(d_pad); },
+  run_by_head_heavy_first(
+      items, [&p] { return FwdScratch(p.head_dim); },
       [&p, &tiles](const WorkItem& item, FwdScratch& w) { fwd_tile<T>(p, tiles, item, w); });
 }
 
-}  // namespace
-
-void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params) {
+inline void segment_attn_fwd(const SegmentAttnFwdParams& params) {
   switch (params.dtype) {
     case DType::kFloat32: fwd_impl<float>(params); break;
     case DType::kFloat16: fwd_impl<c10::Half>(params); break;
@@ -60,4 +48,4 @@ void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params) {
   }
 }
 
-}  // namespace ism::cpu
+}  // namespace ism::cpu::ISM_ISA_NS

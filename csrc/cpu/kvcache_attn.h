@@ -2,35 +2,12 @@
 //
 // The cache is contiguous ([b_cache, capacity, h_kv, d], one row per sequence) or paged
 // ([num_pages, page_size, h_kv, d] and a block table). Both are read through row accessors
-// (tile_io.h), so the attention itself is the forward's inner loop (attend_tile.h) unchanged.
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+// (row_access.h), so the attention itself is the forward's inner loop (attend_tile.h) unchanged.
+#pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <vector>
+namespace ism::cpu::ISM_ISA_NS {
 
-#include "attend_tile.h"
-#include "segment_attn_cpu.h"
-#include "work_queue.h"
 
-namespace ism::cpu {
-namespace {
-
-// Row i of one head of a paged cache: page block_table[i / page_size], slot i % page_size.
-template <typename T>
-struct PagedRows {
-  T* pages;  // cache base already offset to the head
-  int64_t page_stride, row_stride;
-  const int32_t* table;  // this sequence's block-table row
-  int page_size;
-  T* operator()(int64_t i) const {
-    return pages + table[i / page_size] * page_stride + (i % page_size) * row_stride;
-  }
-};
 
 // Calls fn(k_rows, v_rows) with the accessors of head h_kv of sequence `seq`.
 template <typename T, typename Fn>
@@ -69,29 +46,12 @@ void append(const KVCacheAttnParams& p) {
   });
 }
 
-// Row r of the query heads h0 .. h0 + group - 1 that share one K/V head, head-major: head h0 + r / seqlen,
-// position r % seqlen. Decode packs a GQA group into one tile this way, so the group reads each K/V tile
-// of the cache once instead of once per query head.
-template <typename T>
-struct GroupedRows {
-  T* base;  // row 0 of head h0
-  int64_t row_stride, head_stride;
-  int seqlen;
-  T* operator()(int64_t r) const { return base + (r % seqlen) * row_stride + (r / seqlen) * head_stride; }
-};
 
-// Rows i0, i0 + 1, ... of an accessor as rows 0, 1, ...: one key chunk of a split cache.
-template <typename Rows>
-struct OffsetRows {
-  Rows rows;
-  int64_t i0;
-  auto operator()(int64_t i) const { return rows(i0 + i); }
-};
 
 struct GroupScratch {
   FwdScratch fwd;
   std::vector<int32_t> limit;  // the rows' kv_limit inside the chunk, repeated for every head of the group
-  explicit GroupScratch(int d_pad) : fwd(d_pad), limit(kTileQ) {}
+  explicit GroupScratch(int d) : fwd(d), limit(kTileQ) {}
 };
 
 // Key chunks per (sequence, K/V head) for decode: FlashDecoding's split over the keys, so that a batch
@@ -99,7 +59,7 @@ struct GroupScratch {
 // kMinChunkKeys long, so the combine stays negligible next to the attention.
 constexpr int kMinChunkKeys = 256;
 
-int key_splits(const KVCacheAttnParams& p, int longest) {
+inline int key_splits(const KVCacheAttnParams& p, int longest) {
   const int64_t pairs = static_cast<int64_t>(p.batch) * p.h_kv;
   const int64_t wanted = (4 * static_cast<int64_t>(at::get_num_threads()) + pairs - 1) / pairs;
   const int64_t possible = std::max(1, (longest + kMinChunkKeys - 1) / kMinChunkKeys);
@@ -134,10 +94,19 @@ void combine_chunks(const KVCacheAttnParams& p, int b, int h_kv, int group, int 
   const int lq = p.seqlen_q, m = group * lq, d = p.head_dim, h0 = h_kv * group;
   for (int r = 0; r < m; ++r) {
     float top = -std::numeric_limits<float>::infinity();
-    for (int c = 0; c < splits; ++c) top = std::max(top, lse_parts[c * m + r]);
+    bool nan = false;  // a chunk whose scores were NaN makes the whole row NaN, as one unsplit pass would
+    for (int c = 0; c < splits; ++c) {
+      nan = nan || std::isnan(lse_parts[c * m + r]);
+      top = std::max(top, lse_parts[c * m + r]);
+    }
     const int h = h0 + r / lq, i = r % lq;
     T* dst = static_cast<T*>(p.out) + b * p.out_batch_stride + i * p.out_row_stride + h * p.out_head_stride;
     float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + i;
+    if (nan) {
+      for (int c = 0; c < d; ++c) dst[c] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+      *lse = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     if (top == -std::numeric_limits<float>::infinity()) {  // the row sees nothing: 0 and -inf
       for (int c = 0; c < d; ++c) dst[c] = static_cast<T>(0.f);
       *lse = top;
@@ -176,7 +145,7 @@ void attend_grouped(const KVCacheAttnParams& p, int group) {
     }
   }
   run_heavy_first(
-      items, [&p] { return GroupScratch(round_up_lanes(p.head_dim)); },
+      items, [&p] { return GroupScratch(p.head_dim); },
       [&](const WorkItem& item, GroupScratch& w) {
         const int chunk = (longest[item.seq] + splits - 1) / splits;
         const int c0 = std::min(item.tile * chunk, longest[item.seq]);
@@ -208,7 +177,7 @@ void attend_per_head(const KVCacheAttnParams& p) {
   }
   const int group = p.h_q / p.h_kv;
   run_heavy_first(
-      items, [&p] { return FwdScratch(round_up_lanes(p.head_dim)); },
+      items, [&p] { return FwdScratch(p.head_dim); },
       [&p, group](const WorkItem& item, FwdScratch& w) {
         const int b = item.seq, h = item.head, r0 = item.tile * kTileQ;
         const int m = std::min(kTileQ, p.seqlen_q - r0);
@@ -240,9 +209,7 @@ void kvcache_impl(const KVCacheAttnParams& p) {
   if (p.seqlen_q > 0) attend<T>(p);
 }
 
-}  // namespace
-
-void kvcache_attn_cpu(const KVCacheAttnParams& params) {
+inline void kvcache_attn(const KVCacheAttnParams& params) {
   switch (params.dtype) {
     case DType::kFloat32: kvcache_impl<float>(params); break;
     case DType::kFloat16: kvcache_impl<c10::Half>(params); break;
@@ -250,4 +217,4 @@ void kvcache_attn_cpu(const KVCacheAttnParams& params) {
   }
 }
 
-}  // namespace ism::cpu
+}  // namespace ism::cpu::ISM_ISA_NS

@@ -1,0 +1,52 @@
+// The CPU kernels' entry points: each runs the instruction-set build chosen once per process.
+#include <ATen/Version.h>
+
+#include <string>
+
+#include "isa_kernels.h"
+#include "segment_attn_cpu.h"
+
+namespace ism::cpu {
+namespace {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const IsaKernels* choose() {
+  // ATen's capability ("DEFAULT", "AVX2", "AVX512" on x86) already folds in the CPU and ATEN_CPU_CAPABILITY;
+  // the CPU test also covers F16C, which ATen's AVX2 level does not name.
+  const std::string cap = at::get_cpu_capability();
+  if (cap == "AVX512" && cpu_has_avx512() && avx512::kernels() != nullptr) return avx512::kernels();
+  if ((cap == "AVX512" || cap == "AVX2") && cpu_has_avx2() && avx2::kernels() != nullptr) return avx2::kernels();
+  return generic::kernels();
+}
+
+}  // namespace
+
+const IsaKernels& selected_kernels() {
+  static const IsaKernels* const chosen = choose();
+  return *chosen;
+}
+
+void segment_attn_fwd_cpu(const SegmentAttnFwdParams& params) { selected_kernels().fwd(params); }
+void segment_attn_bwd_cpu(const SegmentAttnBwdParams& params) { selected_kernels().bwd(params); }
+void kvcache_attn_cpu(const KVCacheAttnParams& params) { selected_kernels().kvcache(params); }
+const char* kernel_isa() { return selected_kernels().name; }
+
+}  // namespace ism::cpu

@@ -1,0 +1,134 @@
+// Float32 GEMM for the attention tiles: C[m x n] (=, +=, or row-scaled +=) A[m x k] * B[k x n].
+//
+// A is read through strides, A(i, p) = a[i * a_rs + p * a_cs], so the same kernel takes K or V rows as
+// they lie in the tensor (a_cs = 1) and a transposed score tile (a_rs = 1); B is row-major (ldb), C too.
+// Nothing is packed: the attention kernels arrange their tiles so that B is always a row-major panel that
+// stays in L1 across the row blocks. The MR x (NV * W) block of C lives in registers for the whole k loop
+// (MR and NV per instruction set, Vec::kMR / kNV); a column tail of n is handled with masked loads and
+// stores, so B and C need no padding.
+#pragma once
+
+// GCC propagates the null row_scale of the kSet/kAdd calls into the kScaleAdd branch it cannot prove dead
+// and warns about a read that never runs.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+
+namespace ism::cpu::ISM_ISA_NS {
+
+// What happens to C: overwritten, accumulated into, or scaled row by row first (C = diag(s) C + A B, the
+// rescale of online softmax folded into the product).
+enum class CMode { kSet, kAdd, kScaleAdd };
+
+// One register block: rows [0, MR) of C, NV vectors of columns. With kTail the last vector holds only
+// `tail` (< W) valid columns.
+template <int MR, int NV, bool kTail>
+__attribute__((always_inline)) inline void micro_tile(int k, const float* a, int64_t a_rs, int64_t a_cs,
+                                                      const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                      CMode mode, const float* row_scale, int tail) {
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (mode == CMode::kSet) {
+        acc[i][v] = Vec::zero();
+      } else {
+        const float* ci = c + i * ldc + v * W;
+        acc[i][v] = (kTail && v == NV - 1) ? Vec::load_part(ci, tail) : Vec::load(ci);
+        if (mode == CMode::kScaleAdd) acc[i][v] = Vec::mul(acc[i][v], Vec::set1(row_scale[i]));
+      }
+    }
+  }
+  const float* a_rows[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) a_rows[i] = a + i * a_rs;
+  for (int p = 0; p < k; ++p) {
+    V bp[NV];
+    const float* bk = b + p * ldb;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
+    const int64_t ap = p * a_cs;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = Vec::set1(a_rows[i][ap]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bp[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + v * W;
+      if (kTail && v == NV - 1) {
+        Vec::store_part(ci, acc[i][v], tail);
+      } else {
+        Vec::store(ci, acc[i][v]);
+      }
+    }
+  }
+}
+
+// A column panel of `nv` vectors (the last with `tail` columns when tail < W) swept by MR-row blocks; the
+// leftover rows get a block of exactly their height.
+template <int NV, bool kTail>
+void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+           int64_t ldc, CMode mode, const float* row_scale, int tail) {
+  constexpr int MR = Vec::kMR;
+  int i = 0;
+  for (; i + MR <= m; i += MR) {
+    micro_tile<MR, NV, kTail>(k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, mode,
+                              row_scale ? row_scale + i : nullptr, tail);
+  }
+  const int rows = m - i;
+  if (rows == 0) return;
+  const float* ai = a + i * a_rs;
+  float* ci = c + i * ldc;
+  const float* si = row_scale ? row_scale + i : nullptr;
+  // MR is at most 6 on every instruction set (simd_*.h); the switch names each leftover height.
+  static_assert(Vec::kMR <= 6, "extend the leftover switch");
+  switch (rows) {
+    case 1: micro_tile<1, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+    case 2: micro_tile<2, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+    case 3: micro_tile<3, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+    case 4: micro_tile<4, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+    default: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+  }
+}
+
+// The panel of the last `cols` (< kNV * W) columns: nv vectors, the last one partial when cols % W != 0.
+template <int NV>
+void last_panel(int nv, int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                float* c, int64_t ldc, CMode mode, const float* row_scale, int tail) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) {
+      if (tail == Vec::W) {
+        panel<NV, false>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+      } else {
+        panel<NV, true>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+      }
+    } else {
+      last_panel<NV - 1>(nv, m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+    }
+  }
+}
+
+// C[m x n] (mode) A[m x k] * B[k x n]. row_scale (m floats) is read only with CMode::kScaleAdd.
+inline void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                 float* c, int64_t ldc, CMode mode, const float* row_scale = nullptr) {
+  if (m <= 0 || n <= 0) return;
+  constexpr int W = Vec::W, NV = Vec::kNV, kPanel = NV * W;
+  int j = 0;
+  for (; j + kPanel <= n; j += kPanel) panel<NV, false>(m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, W);
+  const int cols = n - j;
+  if (cols > 0) {
+    const int nv = (cols + W - 1) / W;
+    last_panel<NV>(nv, m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, cols - (nv - 1) * W);
+  }
+}
+
+}  // namespace ism::cpu::ISM_ISA_NS
+
+#pragma GCC diagnostic pop

@@ -1,0 +1,266 @@
+// CPU backward of segment-masked attention: FlashAttention-2's fused backward (five tile products per
+// visible (query tile, key tile) pair) on transposed score tiles.
+//
+//   pre-pass  delta[h][i] = rowsum(dout_i * out_i) - dlse_i           (float32 inputs)
+//             delta[h][i] = sum_j P_ij dP_ij - dlse_i                 (float16 / bfloat16 inputs, see below)
+//   main      one work item per (sequence, K/V head, chunk of the group's query tiles): for each query tile
+//             of the chunk and each key tile it sees, P^T, dP^T and dS^T, then dV += P^T dO, dK += dS^T Q
+//             (into the item's float32 dK/dV rows) and dQ += dS K (the query tile's own accumulator).
+//   reduce    dK, dV = the chunks' partial sums, added in chunk order.
+// Every gradient element has one writer and a fixed order of additions, and the chunking depends only on the
+// shapes and kv_limit, never on the thread count: results are bitwise identical for any number of threads.
+#pragma once
+
+namespace ism::cpu::ISM_ISA_NS {
+
+// The backward splits a (sequence, K/V head) into chunks of query tiles until there are this many work items,
+// so that a batch with few K/V heads still keeps a machine's threads busy (each chunk costs one float32 copy
+// of the sequence's dK/dV rows).
+constexpr int kBwdMinItems = 16;
+
+struct BwdScratch {
+  std::vector<float> qt, dot, q, dout, pt, dpt, dq, k, v, lse2, delta, row_scale;
+  std::vector<int32_t> limit;
+  explicit BwdScratch(int d)
+      : qt(static_cast<size_t>(d) * kTileQ), dot(static_cast<size_t>(d) * kTileQ), q(static_cast<size_t>(kTileQ) * d),
+        dout(static_cast<size_t>(kTileQ) * d), pt(kTileK * kTileQ), dpt(kTileK * kTileQ),
+        dq(static_cast<size_t>(kTileQ) * d), k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d),
+        lse2(kTileQ), delta(kTileQ), row_scale(kTileQ), limit(kTileQ) {}
+};
+
+// The query side of one (query head, query tile): transposed q (log2 domain) and dout, q and dout rows as
+// float32, lse in the log2 domain, delta and the limits (padding lanes see nothing).
+struct QuerySide {
+  int q0, m, m_pad, min_limit, max_limit;
+  FloatTile q, dout;
+};
+
+template <typename T>
+QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
+                          BwdScratch& w) {
+  const int d = p.head_dim;
+  QuerySide s{q0, m, pad_lanes(m), max_limit, max_limit, {}, {}};
+  const auto q_rows = strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
+  const auto do_rows =
+      strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride);
+  pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.m_pad);
+  pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.m_pad);
+  s.q = stage_rows(q_rows, 0, m, d, w.q.data());
+  s.dout = stage_rows(do_rows, 0, m, d, w.dout.data());
+  for (int r = 0; r < s.m_pad; ++r) {
+    const bool live = r < m;
+    w.limit[r] = live ? p.kv_limit[q0 + r] : 0;
+    w.lse2[r] = live ? p.lse[h * p.lse_head_stride + q0 + r] * kLog2e : 0.f;
+    w.delta[r] = live && delta != nullptr ? delta[static_cast<int64_t>(h) * p.total_q + q0 + r] : 0.f;
+    if (live) s.min_limit = std::min(s.min_limit, w.limit[r]);
+  }
+  return s;
+}
+
+// P^T (in w.pt) and dP^T (in w.dpt) of a query tile against key rows [k0, k0 + n).
+inline void probs_and_dprobs(const QuerySide& s, int k0, int n, int d, const FloatTile& kt, const FloatTile& vt,
+                             BwdScratch& w) {
+  gemm(n, s.m_pad, d, kt.p, kt.ld, 1, w.qt.data(), s.m_pad, w.pt.data(), s.m_pad, CMode::kSet);
+  probs_from_lse_cols(w.pt.data(), n, s.m_pad, s.m_pad, k0, !key_tile_is_full(s.min_limit, k0, n), w.limit.data(),
+                      w.lse2.data());
+  gemm(n, s.m_pad, d, vt.p, vt.ld, 1, w.dot.data(), s.m_pad, w.dpt.data(), s.m_pad, CMode::kSet);
+}
+
+// The K/V rows of head h_kv of a sequence.
+template <typename T>
+std::pair<StridedRows<const T>, StridedRows<const T>> kv_rows(const SegmentAttnBwdParams& p, int seq, int h_kv) {
+  const int64_t k_begin = p.cu_seqlens_k[seq];
+  return {strided_rows(static_cast<const T*>(p.k) + k_begin * p.k_row_stride + h_kv * p.k_head_stride, p.k_row_stride),
+          strided_rows(static_cast<const T*>(p.v) + k_begin * p.v_row_stride + h_kv * p.v_head_stride, p.v_row_stride)};
+}
+
+// One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
+// (float32 [len_k, 2, d]: dK row then dV row of each key).
+template <typename T>
+void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
+                    float* dkv, BwdScratch& w) {
+  const int d = p.head_dim, h_kv = h / (p.h_q / p.h_kv);
+  const QuerySide s = load_query_side<T>(p, delta, h, q0, m, max_limit, w);
+  const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h_kv);
+  const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
+    const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
+    const FloatTile vt = stage_rows(v_rows, k0, n, d, w.v.data());
+    probs_and_dprobs(s, k0, n, d, kt, vt, w);
+    score_grad_cols(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
+    float* dk = dkv + static_cast<int64_t>(k0) * 2 * d;
+    // dV += P^T dout and dK += dS^T q over the tile's m queries: A is S^T's rows as they lie.
+    gemm(n, d, m, w.pt.data(), s.m_pad, 1, s.dout.p, s.dout.ld, dk + d, 2 * d, CMode::kAdd);
+    gemm(n, d, m, w.dpt.data(), s.m_pad, 1, s.q.p, s.q.ld, dk, 2 * d, CMode::kAdd);
+    // dQ += dS K: A is S^T read transposed.
+    gemm(m, d, n, w.dpt.data(), 1, s.m_pad, kt.p, kt.ld, w.dq.data(), d, t == 0 ? CMode::kSet : CMode::kAdd);
+  }
+  if (n_tiles == 0) std::fill(w.dq.begin(), w.dq.begin() + static_cast<int64_t>(m) * d, 0.f);
+  std::fill(w.row_scale.begin(), w.row_scale.end(), p.softmax_scale);
+  store_rows(w.dq.data(), d, m, d, w.row_scale.data(),
+             strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
+}
+
+// delta = rowsum(dout * out) - dlse, float32 [h_q, total_q], from the output the forward returned.
+template <typename T>
+std::vector<float> delta_from_output(const SegmentAttnBwdParams& p) {
+  std::vector<float> delta(static_cast<size_t>(p.h_q) * p.total_q);
+  at::parallel_for(0, static_cast<int64_t>(p.h_q) * p.total_q, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(p.head_dim), g(p.head_dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i / p.total_q, row = i % p.total_q;
+      convert_row(static_cast<const T*>(p.out) + row * p.out_row_stride + h * p.out_head_stride, p.head_dim, 1.f, o.data());
+      convert_row(static_cast<const T*>(p.dout) + row * p.dout_row_stride + h * p.dout_head_stride, p.head_dim, 1.f,
+                  g.data());
+      float acc = 0.f;
+      for (int c = 0; c < p.head_dim; ++c) acc += o[c] * g[c];
+      delta[i] = acc - (p.dlse != nullptr ? p.dlse[h * p.lse_head_stride + row] : 0.f);
+    }
+  });
+  return delta;
+}
+
+// delta = sum_j P_ij dP_ij - dlse: the same quantity as rowsum(dout * out) in exact arithmetic, but taken
+// from the float32 probabilities rather than from an output rounded to half precision. Where one key takes
+// nearly all the weight, dP - delta cancels, and the rounding of the output would dominate dS.
+template <typename T>
+std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTiles& tiles) {
+  std::vector<float> delta(static_cast<size_t>(p.h_q) * p.total_q);
+  std::vector<WorkItem> items;
+  for (int b = 0; b < p.batch; ++b) {
+    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    for (int t = 0; t < tiles.count(b); ++t) {
+      const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1;
+      for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
+    }
+  }
+  run_heavy_first(
+      items, [&p] { return BwdScratch(p.head_dim); },
+      [&](const WorkItem& item, BwdScratch& w) {
+        const int d = p.head_dim, q0 = p.cu_seqlens_q[item.seq] + item.tile * kTileQ;
+        const int m = tile_rows(p.cu_seqlens_q[item.seq + 1] - p.cu_seqlens_q[item.seq], item.tile);
+        const int max_limit = tiles.max_limit_of(item.seq, item.tile);
+        const QuerySide s = load_query_side<T>(p, nullptr, item.head, q0, m, max_limit, w);
+        const auto [k_rows, v_rows] = kv_rows<T>(p, item.seq, item.head / (p.h_q / p.h_kv));
+        std::fill(w.delta.begin(), w.delta.end(), 0.f);
+        for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
+          const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
+          probs_and_dprobs(s, k0, n, d, stage_rows(k_rows, k0, n, d, w.k.data()), stage_rows(v_rows, k0, n, d, w.v.data()),
+                           w);
+          add_col_dot(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
+        }
+        for (int r = 0; r < m; ++r) {
+          const int64_t row = q0 + r;
+          delta[static_cast<int64_t>(item.head) * p.total_q + row] =
+              w.delta[r] - (p.dlse != nullptr ? p.dlse[item.head * p.lse_head_stride + row] : 0.f);
+        }
+      });
+  return delta;
+}
+
+// The (query head, query tile) pairs of one (sequence, K/V head), split into runs of about equal cost.
+struct BwdChunk {
+  int seq, h_kv;
+  std::vector<std::pair<int, int>> tiles;  // (query head, query tile index)
+  int64_t cost = 0;
+};
+
+// Chunks in (sequence, K/V head) order; those of one pair are adjacent. A pair with no query tile has none.
+inline std::vector<BwdChunk> plan_bwd_chunks(const SegmentAttnBwdParams& p, const QueryTiles& tiles) {
+  const int group = p.h_q / p.h_kv;
+  const int64_t kv_pairs = std::max<int64_t>(1, static_cast<int64_t>(p.batch) * p.h_kv);
+  const int64_t want = (kBwdMinItems + kv_pairs - 1) / kv_pairs;
+  std::vector<BwdChunk> chunks;
+  for (int b = 0; b < p.batch; ++b) {
+    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    for (int hk = 0; hk < p.h_kv; ++hk) {
+      int64_t total = 0;
+      for (int t = 0; t < tiles.count(b); ++t) total += group * (static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1);
+      const int64_t n_chunks = std::clamp<int64_t>(want, 1, std::max(1, group * tiles.count(b)));
+      const size_t first = chunks.size();
+      int64_t before = 0;  // cost of the pairs already placed: a pair goes to chunk before * n_chunks / total
+      for (int g = 0; g < group; ++g) {
+        for (int t = 0; t < tiles.count(b); ++t) {
+          const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1;
+          const size_t c = first + static_cast<size_t>(std::min(n_chunks - 1, before * n_chunks / total));
+          while (chunks.size() <= c) chunks.push_back({b, hk, {}, 0});
+          chunks[c].tiles.push_back({hk * group + g, t});
+          chunks[c].cost += cost;
+          before += cost;
+        }
+      }
+    }
+  }
+  return chunks;
+}
+
+// dK = softmax_scale * (sum of the chunks' dK rows), dV = sum of their dV rows, added in chunk order, converted
+// into the gradient tensors; zeros for the K/V heads of sequences with no query.
+template <typename T>
+void reduce_and_store_dkv(const SegmentAttnBwdParams& p, const std::vector<BwdChunk>& chunks,
+                          const std::vector<std::vector<float>>& partial) {
+  const int d = p.head_dim;
+  // chunk range [first[i], first[i + 1]) of (sequence, K/V head) i.
+  std::vector<size_t> first(static_cast<size_t>(p.batch) * p.h_kv + 1, 0);
+  for (const BwdChunk& c : chunks) ++first[static_cast<size_t>(c.seq) * p.h_kv + c.h_kv + 1];
+  for (size_t i = 1; i < first.size(); ++i) first[i] += first[i - 1];
+  at::parallel_for(0, static_cast<int64_t>(p.batch) * p.h_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(2 * static_cast<size_t>(d));
+    const float scales[2] = {p.softmax_scale, 1.f};
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int seq = static_cast<int>(pair / p.h_kv), h_kv = static_cast<int>(pair % p.h_kv);
+      const int64_t k_begin = p.cu_seqlens_k[seq];
+      const int len_k = p.cu_seqlens_k[seq + 1] - static_cast<int>(k_begin);
+      const auto dk = strided_rows(static_cast<T*>(p.dk) + k_begin * p.dk_row_stride + h_kv * p.dk_head_stride, p.dk_row_stride);
+      const auto dv = strided_rows(static_cast<T*>(p.dv) + k_begin * p.dv_row_stride + h_kv * p.dv_head_stride, p.dv_row_stride);
+      for (int r = 0; r < len_k; ++r) {
+        std::fill(sum.begin(), sum.end(), 0.f);
+        for (size_t c = first[pair]; c < first[pair + 1]; ++c) {
+          if (partial[c].empty()) continue;  // a chunk that got no query tile
+          const float* row = partial[c].data() + static_cast<int64_t>(r) * 2 * d;
+          for (int i = 0; i < 2 * d; ++i) sum[i] += row[i];
+        }
+        store_rows(sum.data(), d, 1, d, scales, dk, r);
+        store_rows(sum.data() + d, d, 1, d, scales + 1, dv, r);
+      }
+    }
+  });
+}
+
+template <typename T>
+void bwd_impl(const SegmentAttnBwdParams& p) {
+  const QueryTiles tiles(p);
+  const std::vector<float> delta = std::is_same_v<T, float> ? delta_from_output<T>(p) : delta_from_probs<T>(p, tiles);
+  const std::vector<BwdChunk> chunks = plan_bwd_chunks(p, tiles);
+  const int d = p.head_dim;
+  std::vector<std::vector<float>> partial(chunks.size());  // per chunk: float32 [len_k, 2, d]
+  std::vector<WorkItem> items;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (!chunks[c].tiles.empty()) items.push_back({static_cast<int32_t>(c), 0, 0, chunks[c].cost});
+  }
+  run_heavy_first(
+      items, [d] { return BwdScratch(d); },
+      [&](const WorkItem& item, BwdScratch& w) {
+        const BwdChunk& chunk = chunks[item.seq];
+        const int len_k = p.cu_seqlens_k[chunk.seq + 1] - p.cu_seqlens_k[chunk.seq];
+        const int q_begin = p.cu_seqlens_q[chunk.seq], len_q = p.cu_seqlens_q[chunk.seq + 1] - q_begin;
+        std::vector<float>& dkv = partial[item.seq];
+        dkv.assign(static_cast<size_t>(len_k) * 2 * d, 0.f);
+        for (const auto& [h, t] : chunk.tiles) {
+          bwd_query_tile<T>(p, delta.data(), chunk.seq, h, q_begin + t * kTileQ, tile_rows(len_q, t),
+                            tiles.max_limit_of(chunk.seq, t), dkv.data(), w);
+        }
+      });
+  reduce_and_store_dkv<T>(p, chunks, partial);
+}
+
+inline void segment_attn_bwd(const SegmentAttnBwdParams& params) {
+  switch (params.dtype) {
+    case DType::kFloat32: bwd_impl<float>(params); break;
+    case DType::kFloat16: bwd_impl<c10::Half>(params); break;
+    case DType::kBFloat16: bwd_impl<c10::BFloat16>(params); break;
+  }
+}
+
+}  // namespace ism::cpu::ISM_ISA_NS

@@ -1,0 +1,81 @@
+// 8-lane float32 vectors on AVX2 + FMA + F16C (x86-64-v3). Included only by kernels_avx2.cpp, after its
+// target pragma, inside that file's ISA namespace (see isa_kernels.h for the contract every Vec meets).
+#pragma once
+
+namespace ism::cpu::ISM_ISA_NS {
+
+struct Vec {
+  static constexpr const char* kName = "avx2";
+  static constexpr int W = 8;
+  // Register blocking of the micro-kernel: 6 x 2 vectors = 12 of the 16 ymm registers hold C, 2 hold a row
+  // of B, 1 the broadcast of A (the classic 6 x 16 AVX2 SGEMM kernel).
+  static constexpr int kMR = 6;
+  static constexpr int kNV = 2;
+  using V = __m256;
+  using I = __m256i;
+
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static I lanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static V load_part(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
+  static void store_part(float* p, V v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  // max(a, b) returns b where either is NaN: callers put the value whose NaN must survive second.
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V neg_inf_to_zero(V x) {
+    return _mm256_blendv_ps(x, zero(), _mm256_cmp_ps(x, set1(-__builtin_inff()), _CMP_EQ_OQ));
+  }
+
+  // x where lane i has limit[i] > key, else `fill`: the kv_limit rule for one key row of a transposed tile.
+  static V keep_visible(V x, const int32_t* limit, int key, V fill) {
+    const I vis = _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(limit)),
+                                     _mm256_set1_epi32(key));
+    return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(vis));
+  }
+
+  // 2^x, max relative error about 2e-7; 0 below -126 and for -inf; NaN stays NaN.
+  static V exp2(V x) {
+    // Operand order keeps NaN: max/min return their second operand when either is NaN.
+    const V xc = _mm256_min_ps(set1(127.f), _mm256_max_ps(set1(-126.f), x));
+    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = sub(xc, n);  // in [-0.5, 0.5]
+    V p = set1(1.5252734e-5f);
+    p = fma(p, f, set1(1.5403530e-4f));
+    p = fma(p, f, set1(1.3333558e-3f));
+    p = fma(p, f, set1(9.6181291e-3f));
+    p = fma(p, f, set1(5.5504109e-2f));
+    p = fma(p, f, set1(2.4022651e-1f));
+    p = fma(p, f, set1(6.9314718e-1f));
+    p = fma(p, f, set1(1.f));
+    const I bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V r = mul(p, _mm256_castsi256_ps(bits));
+    return _mm256_blendv_ps(r, zero(), _mm256_cmp_ps(x, set1(-126.f), _CMP_LT_OQ));
+  }
+
+  // W elements of a half-precision row as float32.
+  static V load_cvt(const c10::BFloat16* p) {
+    const I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static V load_cvt(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+
+}  // namespace ism::cpu::ISM_ISA_NS

@@ -1,0 +1,72 @@
+// 16-lane float32 vectors on AVX-512 (x86-64-v4). Included only by kernels_avx512.cpp, after its target
+// pragma, inside that file's ISA namespace (see isa_kernels.h for the contract every Vec meets).
+#pragma once
+
+namespace ism::cpu::ISM_ISA_NS {
+
+struct Vec {
+  static constexpr const char* kName = "avx512";
+  static constexpr int W = 16;
+  // Register blocking of the micro-kernel: 6 x 4 vectors = 24 of the 32 zmm registers hold C, 4 hold a
+  // row of B, 1 the broadcast of A. Four B loads and six broadcasts feed 24 FMAs per k step.
+  static constexpr int kMR = 6;
+  static constexpr int kNV = 4;
+  using V = __m512;
+  using I = __m512i;
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static __mmask16 lanes(int n) { return static_cast<__mmask16>(n >= W ? 0xFFFF : (1u << n) - 1u); }
+  static V load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  static void store_part(float* p, V v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  // max(a, b) returns b where either is NaN (the SSE rule): callers put the value whose NaN must survive second.
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static V neg_inf_to_zero(V x) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-__builtin_inff()), _CMP_EQ_OQ), x, zero());
+  }
+
+  // x where lane i has limit[i] > key, else `fill`: the kv_limit rule for one key row of a transposed tile.
+  static V keep_visible(V x, const int32_t* limit, int key, V fill) {
+    const __mmask16 vis = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(limit), _mm512_set1_epi32(key));
+    return _mm512_mask_blend_ps(vis, fill, x);
+  }
+
+  // 2^x, max relative error about 2e-7; 0 below -126 and for -inf; NaN stays NaN.
+  static V exp2(V x) {
+    // Operand order keeps NaN: max/min return their second operand when either is NaN.
+    const V xc = _mm512_min_ps(set1(127.f), _mm512_max_ps(set1(-126.f), x));
+    const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = sub(xc, n);  // in [-0.5, 0.5]
+    V p = set1(1.5252734e-5f);
+    p = fma(p, f, set1(1.5403530e-4f));
+    p = fma(p, f, set1(1.3333558e-3f));
+    p = fma(p, f, set1(9.6181291e-3f));
+    p = fma(p, f, set1(5.5504109e-2f));
+    p = fma(p, f, set1(2.4022651e-1f));
+    p = fma(p, f, set1(6.9314718e-1f));
+    p = fma(p, f, set1(1.f));
+    const I bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const V r = mul(p, _mm512_castsi512_ps(bits));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-126.f), _CMP_LT_OQ), r, zero());
+  }
+
+  // W elements of a half-precision row as float32.
+  static V load_cvt(const c10::BFloat16* p) {
+    const I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static V load_cvt(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+
+}  // namespace ism::cpu::ISM_ISA_NS

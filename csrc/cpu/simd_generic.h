@@ -1,0 +1,77 @@
+// 4-lane float32 vectors in GCC/Clang vector extensions: the baseline of any CPU (SSE2 on x86-64, NEON on
+// Arm). Included only by kernels_generic.cpp inside its ISA namespace (see isa_kernels.h for the contract).
+#pragma once
+
+namespace ism::cpu::ISM_ISA_NS {
+
+struct Vec {
+  static constexpr const char* kName = "generic";
+  static constexpr int W = 4;
+  static constexpr int kMR = 4;  // 4 x 2 vectors of C in 8 of the 16 baseline registers
+  static constexpr int kNV = 2;
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+
+  static V zero() { return V{0.f, 0.f, 0.f, 0.f}; }
+  static V set1(float x) { return V{x, x, x, x}; }
+  static V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V load_part(const float* p, int n) {
+    V v = zero();
+    for (int i = 0; i < n && i < W; ++i) v[i] = p[i];
+    return v;
+  }
+  static void store_part(float* p, V v, int n) {
+    for (int i = 0; i < n && i < W; ++i) p[i] = v[i];
+  }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  // The SSE rule, written out: b where either is NaN.
+  static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
+  static float hsum(V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+  static float hmax(V v) {
+    const float x = v[0] > v[1] ? v[0] : v[1], y = v[2] > v[3] ? v[2] : v[3];
+    return x > y ? x : y;
+  }
+  static V neg_inf_to_zero(V x) { return x == set1(-__builtin_inff()) ? zero() : x; }
+
+  static V keep_visible(V x, const int32_t* limit, int key, V fill) {
+    I lim;
+    std::memcpy(&lim, limit, sizeof(I));
+    return lim > (I{} + key) ? x : fill;
+  }
+
+  static V exp2(V x) {
+    const V xc = min(set1(127.f), max(set1(-126.f), x));
+    const V shifter = set1(12582912.f);  // 1.5 * 2^23: round to nearest without rounding-mode calls
+    const V n = (xc + shifter) - shifter;
+    const V f = xc - n;
+    V p = set1(1.5252734e-5f);
+    p = p * f + 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.f;
+    const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof(V));
+    const V r = p * scale;
+    return x < set1(-126.f) ? zero() : r;
+  }
+
+  template <typename T>
+  static V load_cvt(const T* p) {
+    return V{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]), static_cast<float>(p[3])};
+  }
+};
+
+}  // namespace ism::cpu::ISM_ISA_NS

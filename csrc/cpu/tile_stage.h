@@ -1,0 +1,67 @@
+// Moving rows between the tensors (float32, float16 or bfloat16, anywhere in memory) and the float32 tiles
+// the micro-kernel reads. float32 rows that are evenly spaced are read in place; everything else is
+// converted once per tile (vector conversions), so half-precision inputs run at the float32 rate.
+#pragma once
+
+namespace ism::cpu::ISM_ISA_NS {
+
+// A tile of float32 rows: row i at p + i * ld.
+struct FloatTile {
+  const float* p;
+  int64_t ld;
+};
+
+// dst[c] = scale * src[c] for c < d.
+template <typename T>
+inline void convert_row(const T* src, int d, float scale, float* dst) {
+  constexpr int W = Vec::W;
+  const auto s = Vec::set1(scale);
+  int c = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c + W <= d; c += W) Vec::store(dst + c, Vec::mul(Vec::load(src + c), s));
+  } else {
+    for (; c + W <= d; c += W) Vec::store(dst + c, Vec::mul(Vec::load_cvt(src + c), s));
+  }
+  for (; c < d; ++c) dst[c] = static_cast<float>(src[c]) * scale;
+}
+
+// Rows [r0, r0 + n) as float32: in place when they are float32 and evenly spaced, else converted into buf
+// (n x d).
+template <typename Rows>
+FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
+  using T = row_element_t<Rows>;
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t stride = 0;
+    if (n > 0 && rows.contiguous(r0, n, &stride)) return {rows(r0), stride};
+  }
+  for (int i = 0; i < n; ++i) convert_row(rows(r0 + i), d, 1.f, buf + static_cast<int64_t>(i) * d);
+  return {buf, d};
+}
+
+// dst[c][i] = scale * rows(r0 + i)[c] for i < m, c < d; zeros for i in [m, ld). The transposed query-side
+// tile (once per query tile, reused against every key tile).
+template <typename Rows>
+void pack_transposed(const Rows& rows, int64_t r0, int m, int d, float scale, float* dst, int ld) {
+  for (int c = 0; c < d; ++c) std::fill(dst + static_cast<int64_t>(c) * ld + m, dst + static_cast<int64_t>(c + 1) * ld, 0.f);
+  for (int i = 0; i < m; ++i) {
+    const auto* s = rows(r0 + i);
+    for (int c = 0; c < d; ++c) dst[static_cast<int64_t>(c) * ld + i] = static_cast<float>(s[c]) * scale;
+  }
+}
+
+// rows(r0 + i)[c] = row_scale[i] * src[i][c] for i < n, c < d (converted to the rows' type).
+template <typename Rows>
+void store_rows(const float* src, int64_t ld, int n, int d, const float* row_scale, const Rows& rows, int64_t r0) {
+  using T = row_element_t<Rows>;
+  for (int i = 0; i < n; ++i) {
+    const float* s = src + i * ld;
+    T* dst = rows(r0 + i);
+    if constexpr (std::is_same_v<T, float>) {
+      convert_row(s, d, row_scale[i], dst);
+    } else {
+      for (int c = 0; c < d; ++c) dst[c] = static_cast<T>(s[c] * row_scale[i]);
+    }
+  }
+}
+
+}  // namespace ism::cpu::ISM_ISA_NS

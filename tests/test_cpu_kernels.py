@@ -1,0 +1,145 @@
+"""The CPU kernels' instruction-set builds, NaN propagation and half-precision gradient accuracy."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import make_case, reference_attention
+
+import ism_ext
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FLAGS = _cpu_flags()
+HAS_AVX2 = {"avx2", "fma", "f16c"} <= FLAGS
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
+
+
+def _expected_isa(capability: str) -> str:
+    if capability == "AVX512" and HAS_AVX512:
+        return "avx512"
+    if capability in ("AVX2", "AVX512") and HAS_AVX2:
+        return "avx2"
+    return "generic"
+
+
+@pytest.mark.skipif(not FLAGS, reason="needs /proc/cpuinfo (Linux)")
+def test_dispatch_picks_the_widest_allowed_build():
+    chosen = torch.ops.ism.cpu_kernel_isa()
+    assert chosen == _expected_isa(torch.backends.cpu.get_cpu_capability())
+    if HAS_AVX2 and "ATEN_CPU_CAPABILITY" not in os.environ:
+        assert chosen in ("avx2", "avx512"), f"an AVX2 machine must run the AVX2 (or wider) kernels, ran {chosen}"
+
+
+LEVELS = [("default", "generic", True), ("avx2", "avx2", HAS_AVX2), ("avx512", "avx512", HAS_AVX512)]
+
+
+@pytest.mark.parametrize("capability,isa,runs_here", LEVELS, ids=[lvl[0] for lvl in LEVELS])
+def test_every_build_matches_the_reference(capability, isa, runs_here):
+    """Each build the machine can run, capped by ATEN_CPU_CAPABILITY in a fresh process, against float64."""
+    if not runs_here:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "2"}
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import kernel_checks; kernel_checks.main()"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.split()[-2:] == [isa, "ok"], run.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nan_in_a_query_row_gives_nan_out(dtype):
+    case = make_case([40, 70], heads_q=2, heads_kv=1, head_dim=64, dtype=dtype, limits="causal", seed=3)
+    q = case.q.clone()
+    q[50, 1, 7] = float("nan")  # sequence 1, position 10, head 1: sees 11 keys
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, case.k, case.v))
+    out, lse = ism_ext.segment_attention(q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q,
+                                         cu_seqlens_k=case.cu_seqlens_k, return_lse=True)
+    assert torch.isnan(out[50, 1]).all() and torch.isnan(lse[1, 50])
+    others = torch.ones(out.shape[:2], dtype=torch.bool)
+    others[50, 1] = False
+    assert torch.isfinite(out[others]).all(), "NaN must stay in its row"
+    out.backward(torch.ones_like(out))
+    assert torch.isnan(q.grad[50, 1]).all()
+    assert torch.isnan(k.grad[40:51, 0]).any() and torch.isnan(v.grad[40:51, 0]).any()
+    assert torch.isfinite(q.grad[:40]).all() and torch.isfinite(k.grad[:40]).all(), "other sequences stay finite"
+
+
+def test_nan_in_the_cache_op():
+    q = torch.randn(2, 1, 4, 32)
+    q[1, 0, 2, 5] = float("nan")
+    k_cache, v_cache = torch.randn(2, 64, 2, 32), torch.randn(2, 64, 2, 32)
+    lens = torch.tensor([10, 20], dtype=torch.int32)
+    out, lse = ism_ext.attn_with_kvcache(q, k_cache, v_cache, torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32),
+                                         cache_seqlens=lens, return_lse=True)
+    assert torch.isnan(out[1, 0, 2]).all() and torch.isnan(lse[1, 2, 0])
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 0, [0, 1, 3]]).all()
+
+
+def test_nan_in_a_row_that_sees_nothing_stays_empty():
+    """kv_limit = 0 decides first: nothing is read, so the row is 0 with lse -inf whatever its query holds."""
+    q, k, v = torch.randn(4, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16)
+    q[0] = float("nan")
+    lim = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    out, lse = ism_ext.segment_attention(q, k, v, lim, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0, 0])
+
+
+def _grad_errors(case, dtype, g):
+    """Norm-relative errors against float64 of (dq, dk) for the op and for SDPA's math path in `dtype`."""
+    qr, kr, vr = (t.double().requires_grad_(True) for t in (case.q, case.k, case.v))
+    ref, _ = reference_attention(qr, kr, vr, case.kv_limit, case.cu_seqlens_q, case.cu_seqlens_k, case.softmax_scale)
+    ref.backward(g.double())
+    q, k, v = (t.clone().requires_grad_(True) for t in (case.q, case.k, case.v))
+    ism_ext.segment_attention(q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q, cu_seqlens_k=case.cu_seqlens_k,
+                              softmax_scale=case.softmax_scale).backward(g)
+    group = case.q.shape[1] // case.k.shape[1]
+    qs, ks, vs = (t.clone().requires_grad_(True) for t in (case.q, case.k, case.v))
+    mask = torch.arange(case.k.shape[0])[None, :] < case.kv_limit.long()[:, None]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.repeat_interleave(group, 1).transpose(0, 1),
+                                             vs.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask,
+                                             scale=case.softmax_scale)
+    out.transpose(0, 1).backward(g)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    return [(rel(mine, r), rel(theirs, r)) for mine, theirs, r in ((q.grad, qs.grad, qr.grad), (k.grad, ks.grad, kr.grad))]
+
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+@pytest.mark.parametrize("limits,scale", [("causal", 0.3), ("ism", None), ("mas", 0.2)])
+def test_gradients_as_accurate_as_pytorch_in_the_same_dtype(dtype, head_dim, limits, scale):
+    """FlashAttention's criterion: error against float64 at most twice PyTorch's math path's, plus a floor.
+
+    Peaked softmaxes (scale 0.3 on head dim 256: one key takes nearly all the weight) are where a delta taken
+    from the rounded output would cancel against dP."""
+    case = make_case([4, 37], heads_q=2, heads_kv=1, head_dim=head_dim, dtype=dtype, limits=limits,
+                     seed=head_dim + len(limits), scale=scale)
+    g = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(head_dim)).to(dtype)
+    for name, (mine, theirs) in zip(("dq", "dk"), _grad_errors(case, dtype, g), strict=True):
+        assert mine <= 2 * theirs + FLOOR[dtype], f"{name}: {mine:.3g} vs PyTorch math {theirs:.3g}"
+        assert math.isfinite(mine)
