@@ -3,7 +3,7 @@
 
 #include <c10/util/Exception.h>
 
-#include <cmath>
+#include <map>
 #include <set>
 #include <vector>
 
@@ -66,7 +66,7 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   }
   check_int32("cache_seqlens", cache_seqlens, q, {batch});
   check_int32("kv_limit", kv_limit, q, {batch, seqlen_q});
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ", softmax_scale);
+  const float scale = check_softmax_scale(kOp, softmax_scale);
 
   const bool paged = block_table.has_value();
   int64_t page_size = 0;
@@ -121,7 +121,7 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   p.h_kv = static_cast<int>(h_kv);
   p.head_dim = static_cast<int>(d);
   p.page_size = static_cast<int>(page_size);
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale = scale;
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }
@@ -147,9 +147,15 @@ void check_kvcache_values_cpu(const KVCacheAttnParams& p, const at::Tensor& k_ca
     }
     if (p.page_size > 0) {
       const int32_t* table = p.block_table + b * p.block_table_batch_stride;
+      std::map<int64_t, int64_t> slot_of;  // page -> the first slot of this row that holds it
       for (int64_t pg = 0; pg * p.page_size < total; ++pg) {
         TORCH_CHECK_VALUE(table[pg] >= 0 && table[pg] < rows, kOp, ": block_table[", b, ", ", pg, "] = ", table[pg],
                           " is not a page index in [0, ", rows, ")");
+        // One page at two positions of a sequence: the append would overwrite its own history (and even a
+        // read-only row would attend to one page's tokens twice). Only the slots in use are looked at.
+        const auto [first, fresh] = slot_of.emplace(table[pg], pg);
+        TORCH_CHECK_VALUE(fresh, kOp, ": page ", table[pg], " appears twice in block_table row ", b, " (slots ",
+                          first->second, " and ", pg, "): a sequence's pages must be distinct; nothing was written");
         reads.emplace_back(table[pg], b);
         if (p.seqlen_new > 0 && (pg + 1) * p.page_size > len) {  // the page holds some of the new positions
           TORCH_CHECK_VALUE(written.insert(table[pg]).second, kOp, ": page ", table[pg],

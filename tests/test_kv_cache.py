@@ -276,6 +276,8 @@ def test_op_contiguous_call_is_valid_as_built():
     (dict(q=torch.zeros(2, 4, 4, 16)), ValueError, "head_dim"),
     (dict(q=torch.zeros(2, 4, 4, 32, dtype=torch.bfloat16)), TypeError, "dtype"),
     (dict(q=torch.zeros(4, 4, 4, 32), cache_seqlens=torch.zeros(4, dtype=I32)), ValueError, "k_new must have shape"),
+    # Finite as a double, inf as the float32 the kernel uses.
+    (dict(softmax_scale=1e39), ValueError, "softmax_scale must be finite as a float32"),
 ])
 @pytest.mark.usefixtures("impl")
 def test_op_rejects_before_writing(overrides, exc, match):
@@ -315,6 +317,11 @@ def test_op_paged_valid_call_and_shared_reads():
     ([[0, 1], [0, 2]], [5, 3], {}, ValueError, "page 0 would be written twice in one call"),
     # Sequence 0 writes page 0, which sequence 1 reads as its shared prefix: copy-on-write was needed.
     ([[0, 1], [0, 2]], [5, 20], {}, ValueError, "copy-on-write"),
+    # One page at two slots of a row: the new tokens (slot 1) would overwrite the history (slot 0).
+    ([[3, 3, 5]], [16], {}, ValueError, r"page 3 appears twice in block_table row 0 \(slots 0 and 1\)"),
+    # The same when the repeated page is only read, and in the second row of the call.
+    ([[0, 1], [2, 2]], [5, 20], dict(lq=0), ValueError, "page 2 appears twice in block_table row 1"),
+    ([[4, 1, 4], [2, 3, 5]], [40, 5], {}, ValueError, "page 4 appears twice in block_table row 0"),
     ([[0, 1], [2, 3]], [5, 30], {}, ValueError, "capacity"),
     ([[0, 1], [2, 9]], [5, 20], {}, ValueError, r"block_table\[1, 1\] = 9"),
     ([[0, 1], [2, -1]], [5, 20], {}, ValueError, r"block_table\[1, 1\] = -1"),
@@ -328,6 +335,13 @@ def test_op_paged_valid_call_and_shared_reads():
 def test_op_paged_rejects_before_writing(table, lens, kwargs, exc, match):
     call, caches = _paged_call(table, lens, **kwargs)
     _assert_rejected(call, caches, exc, match)
+
+
+def test_op_head_dim_zero_names_head_dim():
+    # The default scale D ** -0.5 must not divide by zero before the op's own check speaks.
+    q, cache = torch.zeros(1, 1, 2, 0), torch.zeros(1, 16, 2, 0)
+    with pytest.raises(ValueError, match=r"head_dim must be in \[1, 256\], got 0"):
+        attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.zeros(1, dtype=I32))
 
 
 # ------------------------------------------------------------------------------------------- KVCache
