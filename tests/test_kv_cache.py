@@ -8,9 +8,11 @@ step with `segment_attention` over the whole history so far.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
+import threading
 
 import pytest
 import torch
@@ -779,3 +781,48 @@ def test_op_empty_batch(lq):
     out, lse = attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=torch.zeros(0, dtype=I32),
                                  return_lse=True)
     assert out.shape == (0, lq, 4, 16) and lse.shape == (0, 4, lq)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_two_threads_appending_to_one_sequence_both_land(paged):
+    # Each call happens whole under the cache's lock: all 2 x 200 single-token appends land, none is lost or
+    # overwritten, and each thread's tokens keep their order.
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    n, threads = 200, 2
+    cache = KVCache(1, 1, 1, 16, capacity=threads * n, page_size=16 if paged else None)
+    errors: list[BaseException] = []
+
+    def append(tag: int) -> None:
+        try:
+            for i in range(n):
+                k = torch.full((1, 1, 1, 16), float(tag * 1000 + i))
+                cache.append_and_attend(0, k, k, k)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    workers = [threading.Thread(target=append, args=(t,)) for t in range(threads)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert not errors
+    assert cache.lengths(0) == [threads * n]
+    keys = cache.get_kv(0, 0)[0][:, 0, 0].tolist()
+    for t in range(threads):
+        assert [k for k in keys if t * 1000 <= k < (t + 1) * 1000] == [float(t * 1000 + i) for i in range(n)]
+
+
+def test_kvcache_seq_ids_must_be_integers_not_floats():
+    cache = _make_cache(False)
+    q = torch.zeros(1, 1, HQ, D)
+    kv = torch.zeros(1, 1, HKV, D)
+    with pytest.raises(TypeError, match="seq_ids entry must be an int, got float"):
+        cache.append_and_attend(0, q, kv, kv, seq_ids=[1.7])
+    cache.append_and_attend(0, q, kv, kv, seq_ids=[torch.tensor(1)])  # integer-like ids are fine
+    assert cache.lengths(0) == [0, 1]
+    copied = copy.deepcopy(cache)  # the lock is not copied: each copy has its own
+    assert copied.lengths(0) == [0, 1] and copied._lock is not cache._lock
