@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <map>
 #include <set>
 #include <vector>
@@ -48,6 +49,12 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), kOp, ": k_cache and v_cache must have the same shape, got ",
                     k_cache.sizes(), " and ", v_cache.sizes());
   const int64_t batch = q.size(0), seqlen_q = q.size(1), h_q = q.size(2), d = q.size(3), h_kv = k_cache.size(2);
+  // The params hold these as int (and positions as int32, like cache_seqlens): check before the casts below.
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(batch <= kMaxInt && seqlen_q <= kMaxInt && h_q <= kMaxInt, kOp,
+                    ": q's batch, seqlen_q and heads must each be below 2^31, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(1) <= kMaxInt, kOp, ": k_cache.size(1) (positions per row, or the page size) must ",
+                    "be below 2^31, got ", k_cache.size(1));
   TORCH_CHECK_VALUE(k_cache.size(3) == d, kOp, ": k_cache has head_dim ", k_cache.size(3), " but q has ", d);
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxHeadDim, kOp, ": head_dim must be in [1, ", kMaxHeadDim, "], got ", d);
   TORCH_CHECK_VALUE(h_kv >= 1 && h_q % h_kv == 0, kOp,
@@ -131,6 +138,8 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
 void check_kvcache_values_cpu(const KVCacheAttnParams& p, const at::Tensor& k_cache, int64_t max_pages) {
   const int64_t rows = k_cache.size(0);  // cache rows (contiguous) or pages (paged)
   const int64_t capacity = p.page_size > 0 ? max_pages * p.page_size : k_cache.size(1);
+  TORCH_CHECK_VALUE(capacity <= std::numeric_limits<int32_t>::max(), kOp, ": block_table's ", max_pages,
+                    " pages of ", p.page_size, " tokens exceed 2^31 - 1 positions per sequence");
   std::set<int64_t> written;                      // rows / pages this call writes, over all sequences
   std::vector<std::set<int64_t>> own(p.batch);    // pages each sequence writes
   std::vector<std::pair<int64_t, int>> reads;     // (page, sequence) for every page a sequence reads

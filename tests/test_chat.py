@@ -238,3 +238,30 @@ def test_ttft_repeats_do_not_touch_max_new_tokens(monkeypatch):
                         lambda fn, repeats, **kw: seen.append((repeats, session.max_new_tokens)) or 2.0)
     session.send(PROMPTS[0], ttft_repeats=3)
     assert seen == [(3, 6)] and session.stats[0].ttft_s == 2e-3  # the project's one timer, in seconds
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(max_cache_tokens=0), ValueError, "max_cache_tokens must be >= 1, got 0"),  # was silently the default
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (dict(page_size=-16), ValueError, "page_size must be >= 1"),
+])
+def test_bad_session_arguments_are_named(kwargs, exc, message):
+    tok = make_tokenizer()
+    with pytest.raises(exc, match=message):
+        ChatSession(tiny_llama(len(tok)), tok, "ism", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),  # was silently greedy
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(ttft_repeats=-1), "ttft_repeats must be >= 0"),
+])
+def test_bad_send_arguments_change_nothing(kwargs, message):
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6)
+    with pytest.raises(ValueError, match=message):
+        session.send(PROMPTS[0], **kwargs)
+    assert session.messages == [] and session.cache_tokens == 0

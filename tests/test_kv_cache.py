@@ -346,6 +346,20 @@ def test_op_head_dim_zero_names_head_dim():
         attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.zeros(1, dtype=I32))
 
 
+def test_op_sizes_are_checked_before_their_int_casts():
+    # A page size of 2^32 (a multiple of 16) became 0 as an int: the paged cache was taken for a contiguous one.
+    # Zero-stride views: no memory behind the huge sizes, and nothing is written (the call is rejected).
+    d = 16
+    q = torch.zeros(1, 1, 2, d)
+    cache = torch.zeros(1, 1, 2, d).expand(1, 2**32, 2, d)
+    lens, table = torch.zeros(1, dtype=I32), torch.zeros(1, 1, dtype=I32)
+    with pytest.raises(ValueError, match=r"k_cache.size\(1\) \(positions per row, or the page size\)"):
+        attn_with_kvcache(q, cache, cache, cache_seqlens=lens, kv_limit=torch.zeros(1, 1, dtype=I32), block_table=table)
+    with pytest.raises(ValueError, match="seqlen_q and heads must each be below 2"):
+        attn_with_kvcache(torch.zeros(1, 1, 1, d).expand(1, 2**31, 2, d), cache[:, :16], cache[:, :16],
+                          cache_seqlens=lens, kv_limit=torch.zeros(1, 1, dtype=I32))
+
+
 # ------------------------------------------------------------------------------------------- KVCache
 
 HKV, HQ, D = 2, 4, 32

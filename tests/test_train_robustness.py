@@ -261,3 +261,23 @@ def test_every_too_long_dialogue_is_named_before_the_model_loads(tmp_path, monke
     monkeypatch.setattr(loop, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(TrainError, match=r"2 problems:\n.*line 2: the first round .*\n.*line 5: the first round"):
         train(TrainConfig(data=str(data), max_length=64, steps=1, progress=False))
+
+
+def test_a_kill_while_teacher_answers_are_written_never_leaves_them_vouched_for(tmp_path, monkeypatch):
+    from ism_ext.training.teacher import cached_teacher_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"user": ["Hi"]}\n')
+    rows = [{"id": i, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 50}]}
+            for i in range(20)]
+    args = (tmp_path / "out", prompts, "train", "tiny", 8)
+    data = cached_teacher_file(*args, lambda: rows)
+    data.unlink()  # the answers are gone but their key is still there: they are made again ...
+    with monkeypatch.context() as m:
+        _kill_while_writing(m, "teacher_train")
+        with pytest.raises(_Killed):  # ... and the process is killed while writing them
+            cached_teacher_file(*args, lambda: rows)
+    made = []
+    data = cached_teacher_file(*args, lambda: made.append(1) or rows)
+    assert made == [1]  # nothing half-written was taken for the cached answers
+    assert [json.loads(line) for line in data.read_text().splitlines()] == rows

@@ -21,6 +21,7 @@ compare against). The model must use `attn_implementation="ism"` (`ism_ext.integ
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,11 @@ class ChatSession:
         """
         if scheme not in CHAT_SCHEMES:
             raise ValueError(f"scheme must be one of {CHAT_SCHEMES}, got {scheme!r}")
+        _check_count("max_new_tokens", max_new_tokens, minimum=1)
+        if max_cache_tokens is not None:  # checked, not `or`-ed: 0 must not silently mean "the default"
+            _check_count("max_cache_tokens", max_cache_tokens, minimum=1)
+        if page_size is not None:
+            _check_count("page_size", page_size, minimum=1)
         if not is_ism_model(model):
             raise ValueError("ChatSession needs a model with attn_implementation='ism' (see ism_ext.integrations.hf)")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -154,7 +160,7 @@ class ChatSession:
         self.model, self.tokenizer, self.scheme = model, tokenizer, scheme
         self.max_new_tokens, self.use_cache, self.record_logits = max_new_tokens, use_cache, record_logits
         context = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.max_cache_tokens = max_cache_tokens or min(context, 4096)
+        self.max_cache_tokens = max_cache_tokens if max_cache_tokens is not None else min(context, 4096)
         self.page_size = page_size
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.stats: list[RoundStats] = []
@@ -289,6 +295,7 @@ class ChatSession:
         the exception propagates. When the cache fills during the answer, the answer generated so far is
         returned and kept, marked by ``stats[-1].finish_reason == "cache_full"``.
         """
+        _check_send_args(user_text, temperature, top_p, ttft_repeats)
         before = _RoundStart(self.cache_tokens, _copy(self.dialogue), len(self.messages), self._next_block,
                              len(self.stats), len(self.logits))
         self.messages.append({"role": "user", "content": user_text})
@@ -378,7 +385,27 @@ class ChatSession:
         """
         if not self._round_starts:
             raise ValueError("ChatSession.undo: there is no round to undo")
-        self._restore(self._round_starts.pop())
+        self._restore(self._round_starts[-1])
+        self._round_starts.pop()  # only once restored: an undo that raised can be retried
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    """An int (not a bool) >= ``minimum``, or a TypeError/ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"ChatSession: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"ChatSession: {name} must be >= {minimum}, got {value}")
+
+
+def _check_send_args(user_text: object, temperature: float, top_p: float, ttft_repeats: int) -> None:
+    """`send`'s arguments, before the session changes (NaN fails every comparison, so it is named explicitly)."""
+    if not isinstance(user_text, str):
+        raise TypeError(f"ChatSession.send: user_text must be a str, got {type(user_text).__name__}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"ChatSession.send: temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"ChatSession.send: top_p must be in (0, 1], got {top_p}")
+    _check_count("ttft_repeats", ttft_repeats, minimum=0)
 
 
 def _copy(dialogue: _Dialogue) -> _Dialogue:
