@@ -63,6 +63,13 @@ AttnShape check_attn_args(const char* op, const at::Tensor& q, const at::Tensor&
   return {q.size(0), k.size(0), h_q, h_kv, d, cu_seqlens_q.size(0) - 1};
 }
 
+float check_softmax_scale(const char* op, double softmax_scale) {
+  const float scale = static_cast<float>(softmax_scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": softmax_scale must be finite as a float32 (the kernels compute in ",
+                    "float32, whose largest value is about 3.4e38), got ", softmax_scale);
+  return scale;
+}
+
 void check_same_as(const char* op, const char* name, const at::Tensor& t, const char* like_name,
                    const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name, " ",
@@ -86,7 +93,7 @@ AttnShape check_bwd_args(const char* op, const at::Tensor& dout, const std::opti
                          const at::Tensor& lse, const at::Tensor& kv_limit, const at::Tensor& cu_seqlens_q,
                          const at::Tensor& cu_seqlens_k, double softmax_scale) {
   const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  check_softmax_scale(op, softmax_scale);
   check_same_as(op, "dout", dout, "q", q);
   check_same_as(op, "out", out, "q", q);
   check_lse(op, "lse", lse, s, q);

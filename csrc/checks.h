@@ -32,7 +32,11 @@ void check_same_as(const char* op, const char* name, const at::Tensor& t, const 
 // A float32 [h_q, total_q] tensor on the device of `q` (lse and its gradient).
 void check_lse(const char* op, const char* name, const at::Tensor& lse, const AttnShape& s, const at::Tensor& q);
 
-// The backward's arguments: check_attn_args, a finite softmax_scale, dout and out exactly like q, and
+// The softmax scale as every kernel uses it: the float32 value, which must be finite. The check runs on the
+// cast value, not the double, so a scale that overflows float32 (1e39 -> inf) is rejected. Returns it.
+float check_softmax_scale(const char* op, double softmax_scale);
+
+// The backward's arguments: check_attn_args, a finite (float32) softmax_scale, dout and out exactly like q, and
 // lse (and dlse, when given) float32 [h_q, total_q]. Shared by the CPU and CUDA backward.
 AttnShape check_bwd_args(const char* op, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

@@ -3,7 +3,8 @@
 
 #include <c10/util/Exception.h>
 
-#include <cmath>
+#include <limits>
+#include <map>
 #include <set>
 #include <vector>
 
@@ -48,6 +49,12 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), kOp, ": k_cache and v_cache must have the same shape, got ",
                     k_cache.sizes(), " and ", v_cache.sizes());
   const int64_t batch = q.size(0), seqlen_q = q.size(1), h_q = q.size(2), d = q.size(3), h_kv = k_cache.size(2);
+  // The params hold these as int (and positions as int32, like cache_seqlens): check before the casts below.
+  constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(batch <= kMaxInt && seqlen_q <= kMaxInt && h_q <= kMaxInt, kOp,
+                    ": q's batch, seqlen_q and heads must each be below 2^31, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(1) <= kMaxInt, kOp, ": k_cache.size(1) (positions per row, or the page size) must ",
+                    "be below 2^31, got ", k_cache.size(1));
   TORCH_CHECK_VALUE(k_cache.size(3) == d, kOp, ": k_cache has head_dim ", k_cache.size(3), " but q has ", d);
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxHeadDim, kOp, ": head_dim must be in [1, ", kMaxHeadDim, "], got ", d);
   TORCH_CHECK_VALUE(h_kv >= 1 && h_q % h_kv == 0, kOp,
@@ -66,7 +73,7 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   }
   check_int32("cache_seqlens", cache_seqlens, q, {batch});
   check_int32("kv_limit", kv_limit, q, {batch, seqlen_q});
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kOp, ": softmax_scale must be finite, got ", softmax_scale);
+  const float scale = check_softmax_scale(kOp, softmax_scale);
 
   const bool paged = block_table.has_value();
   int64_t page_size = 0;
@@ -121,7 +128,7 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
   p.h_kv = static_cast<int>(h_kv);
   p.head_dim = static_cast<int>(d);
   p.page_size = static_cast<int>(page_size);
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale = scale;
   p.dtype = to_dtype(q.scalar_type());
   return p;
 }
@@ -131,6 +138,8 @@ KVCacheAttnParams check_kvcache_args(const at::Tensor& q, const at::Tensor& k_ca
 void check_kvcache_values_cpu(const KVCacheAttnParams& p, const at::Tensor& k_cache, int64_t max_pages) {
   const int64_t rows = k_cache.size(0);  // cache rows (contiguous) or pages (paged)
   const int64_t capacity = p.page_size > 0 ? max_pages * p.page_size : k_cache.size(1);
+  TORCH_CHECK_VALUE(capacity <= std::numeric_limits<int32_t>::max(), kOp, ": block_table's ", max_pages,
+                    " pages of ", p.page_size, " tokens exceed 2^31 - 1 positions per sequence");
   std::set<int64_t> written;                      // rows / pages this call writes, over all sequences
   std::vector<std::set<int64_t>> own(p.batch);    // pages each sequence writes
   std::vector<std::pair<int64_t, int>> reads;     // (page, sequence) for every page a sequence reads
@@ -147,9 +156,15 @@ void check_kvcache_values_cpu(const KVCacheAttnParams& p, const at::Tensor& k_ca
     }
     if (p.page_size > 0) {
       const int32_t* table = p.block_table + b * p.block_table_batch_stride;
+      std::map<int64_t, int64_t> slot_of;  // page -> the first slot of this row that holds it
       for (int64_t pg = 0; pg * p.page_size < total; ++pg) {
         TORCH_CHECK_VALUE(table[pg] >= 0 && table[pg] < rows, kOp, ": block_table[", b, ", ", pg, "] = ", table[pg],
                           " is not a page index in [0, ", rows, ")");
+        // One page at two positions of a sequence: the append would overwrite its own history (and even a
+        // read-only row would attend to one page's tokens twice). Only the slots in use are looked at.
+        const auto [first, fresh] = slot_of.emplace(table[pg], pg);
+        TORCH_CHECK_VALUE(fresh, kOp, ": page ", table[pg], " appears twice in block_table row ", b, " (slots ",
+                          first->second, " and ", pg, "): a sequence's pages must be distinct; nothing was written");
         reads.emplace_back(table[pg], b);
         if (p.seqlen_new > 0 && (pg + 1) * p.page_size > len) {  // the page holds some of the new positions
           TORCH_CHECK_VALUE(written.insert(table[pg]).second, kOp, ": page ", table[pg],

@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "checks.h"
 #include "cpu/segment_attn_cpu.h"
 #include "params_builder.h"
@@ -24,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attn_fwd_cpu(const at::Tensor& q, con
                                                         bool /*deterministic: the CPU kernels always are*/) {
   constexpr const char* op = "ism.segment_attn_fwd";
   const AttnShape s = check_attn_args(op, q, k, v, kv_limit, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  check_softmax_scale(op, softmax_scale);
   const auto [longest_q, longest_k] =
       check_index_values_cpu(op, kv_limit, cu_seqlens_q, cu_seqlens_k, s, max_seqlen_q, max_seqlen_k);
 

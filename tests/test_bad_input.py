@@ -74,6 +74,8 @@ CASES = [
     ("max_seqlen_q too small", dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is smaller"),
     ("max_seqlen_k too small", dict(max_seqlen_k=11), ValueError, "max_seqlen_k = 11 is smaller"),
     ("scale NaN", dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+    # Finite as a double but inf as the float32 the kernels use.
+    ("scale overflows float32", dict(softmax_scale=1e39), ValueError, "softmax_scale must be finite as a float32"),
     ("last dim strided", dict(q=torch.randn(T, H, 2 * D)[..., ::2]), ValueError,
      "q must be contiguous in its last dimension"),
     ("k last dim strided", dict(k=torch.randn(T, 2, D, 2)[..., 0]), ValueError,
@@ -127,3 +129,5 @@ def test_bad_backward_arguments():
         bwd(out, None, a["q"], a["k"], a["v"], out, lse.t(), *rest)
     with pytest.raises(ValueError, match="dlse must have shape"):
         bwd(out, lse[:1], a["q"], a["k"], a["v"], out, lse, *rest)
+    with pytest.raises(ValueError, match="softmax_scale must be finite as a float32"):
+        bwd(out, None, a["q"], a["k"], a["v"], out, lse, *rest[:-1], 1e39)

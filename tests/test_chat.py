@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
+import ism_ext.inference.chat  # noqa: E402
 import ism_ext.integrations.hf  # noqa: E402,F401
 from ism_ext.inference import ChatSession  # noqa: E402
 
@@ -149,3 +152,116 @@ def test_undo_truncates_to_the_round_start_and_the_next_round_equals_a_fresh_ses
     assert fresh.send(PROMPTS[2]) == answer and fresh.dialogue.ids == session.dialogue.ids
     with pytest.raises(ValueError, match="no round"):
         ChatSession(tiny_llama(len(tok)), tok).undo()
+
+
+def _state(session):
+    """Everything a failed round must leave as it was."""
+    return (list(session.messages), list(session.dialogue.ids), list(session.dialogue.block_ids),
+            session.dialogue.text, session.cache_tokens, [dataclasses.astuple(s) for s in session.stats],
+            len(session.logits), session._next_block)
+
+
+@pytest.mark.parametrize("scheme", ["ism", "causal", "prefix_lm"])
+def test_a_round_that_fails_mid_answer_leaves_the_session_as_before(scheme):
+    plain, answers = run(scheme, use_cache=True)
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, scheme, system="Be brief.", max_new_tokens=6, record_logits=True)
+    session.send(PROMPTS[0])
+    before = _state(session)
+
+    seen = []
+
+    def fail_on_second_piece(piece):
+        seen.append(piece)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what a user's Ctrl-C in the middle of the answer raises
+
+    with pytest.raises(KeyboardInterrupt):
+        session.send(PROMPTS[1], stream=fail_on_second_piece)
+    assert len(seen) == 2 and _state(session) == before
+    # The session goes on exactly as one that never saw the failed round.
+    assert [session.send(p) for p in PROMPTS[1:]] == answers[1:]
+    assert session.dialogue.ids == plain.dialogue.ids and session.cache_tokens == plain.cache_tokens
+    for a, b in zip(session.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_a_prompt_that_does_not_fit_the_cache_changes_nothing_and_undo_still_works():
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", system="Be brief.", max_new_tokens=6)
+    session.send(PROMPTS[0])
+    session.max_cache_tokens = session.cache_tokens + 3  # the next prompt alone does not fit
+    before = _state(session)
+    with pytest.raises(ValueError, match="max_cache_tokens"):
+        session.send(PROMPTS[1])
+    assert _state(session) == before
+    session.undo()  # undoes round 1 (the failed round left nothing to undo)
+    assert session.messages == [{"role": "system", "content": "Be brief."}] and session.cache_tokens == 0
+    assert session.stats == [] and session.dialogue.ids == []
+    with pytest.raises(ValueError, match="no round"):
+        session.undo()
+    first_failed = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6, max_cache_tokens=4)
+    with pytest.raises(ValueError, match="max_cache_tokens"):
+        first_failed.send(PROMPTS[0])
+    assert first_failed.messages == [] and first_failed.cache_tokens == 0
+    with pytest.raises(ValueError, match="no round"):
+        first_failed.undo()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_a_cache_that_fills_mid_answer_returns_the_partial_answer_marked(paged):
+    tok = make_tokenizer()
+    full = ChatSession(tiny_llama(len(tok)), tok, "ism", system="Be brief.", max_new_tokens=12)
+    full.send(PROMPTS[0])
+    complete = full.stats[0]
+    assert complete.answer_tokens > 3  # the unconstrained answer is longer than what will fit below
+    prompt_tokens = complete.prompt_tokens
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", system="Be brief.", max_new_tokens=12,
+                          max_cache_tokens=prompt_tokens + 3, page_size=16 if paged else None)
+    text = session.send(PROMPTS[0])
+    stats = session.stats[0]
+    assert (stats.answer_tokens, stats.finish_reason, stats.cache_tokens) == (3, "cache_full", prompt_tokens + 3)
+    assert session.dialogue.ids == full.dialogue.ids[: prompt_tokens + 3]  # the first 3 tokens of the full answer
+    assert session.messages[-1] == {"role": "assistant", "content": text}
+    assert full.stats[0].finish_reason in ("end_of_turn", "max_new_tokens")
+    before = _state(session)
+    with pytest.raises(ValueError, match="max_cache_tokens"):
+        session.send(PROMPTS[1])
+    assert _state(session) == before
+
+
+def test_ttft_repeats_do_not_touch_max_new_tokens(monkeypatch):
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6)
+    seen = []
+    monkeypatch.setattr(ism_ext.inference.chat, "median_ms",
+                        lambda fn, repeats, **kw: seen.append((repeats, session.max_new_tokens)) or 2.0)
+    session.send(PROMPTS[0], ttft_repeats=3)
+    assert seen == [(3, 6)] and session.stats[0].ttft_s == 2e-3  # the project's one timer, in seconds
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(max_cache_tokens=0), ValueError, "max_cache_tokens must be >= 1, got 0"),  # was silently the default
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (dict(page_size=-16), ValueError, "page_size must be >= 1"),
+])
+def test_bad_session_arguments_are_named(kwargs, exc, message):
+    tok = make_tokenizer()
+    with pytest.raises(exc, match=message):
+        ChatSession(tiny_llama(len(tok)), tok, "ism", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),  # was silently greedy
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(ttft_repeats=-1), "ttft_repeats must be >= 0"),
+])
+def test_bad_send_arguments_change_nothing(kwargs, message):
+    tok = make_tokenizer()
+    session = ChatSession(tiny_llama(len(tok)), tok, "ism", max_new_tokens=6)
+    with pytest.raises(ValueError, match=message):
+        session.send(PROMPTS[0], **kwargs)
+    assert session.messages == [] and session.cache_tokens == 0

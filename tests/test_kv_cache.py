@@ -8,9 +8,11 @@ step with `segment_attention` over the whole history so far.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
+import threading
 
 import pytest
 import torch
@@ -276,6 +278,8 @@ def test_op_contiguous_call_is_valid_as_built():
     (dict(q=torch.zeros(2, 4, 4, 16)), ValueError, "head_dim"),
     (dict(q=torch.zeros(2, 4, 4, 32, dtype=torch.bfloat16)), TypeError, "dtype"),
     (dict(q=torch.zeros(4, 4, 4, 32), cache_seqlens=torch.zeros(4, dtype=I32)), ValueError, "k_new must have shape"),
+    # Finite as a double, inf as the float32 the kernel uses.
+    (dict(softmax_scale=1e39), ValueError, "softmax_scale must be finite as a float32"),
 ])
 @pytest.mark.usefixtures("impl")
 def test_op_rejects_before_writing(overrides, exc, match):
@@ -315,6 +319,11 @@ def test_op_paged_valid_call_and_shared_reads():
     ([[0, 1], [0, 2]], [5, 3], {}, ValueError, "page 0 would be written twice in one call"),
     # Sequence 0 writes page 0, which sequence 1 reads as its shared prefix: copy-on-write was needed.
     ([[0, 1], [0, 2]], [5, 20], {}, ValueError, "copy-on-write"),
+    # One page at two slots of a row: the new tokens (slot 1) would overwrite the history (slot 0).
+    ([[3, 3, 5]], [16], {}, ValueError, r"page 3 appears twice in block_table row 0 \(slots 0 and 1\)"),
+    # The same when the repeated page is only read, and in the second row of the call.
+    ([[0, 1], [2, 2]], [5, 20], dict(lq=0), ValueError, "page 2 appears twice in block_table row 1"),
+    ([[4, 1, 4], [2, 3, 5]], [40, 5], {}, ValueError, "page 4 appears twice in block_table row 0"),
     ([[0, 1], [2, 3]], [5, 30], {}, ValueError, "capacity"),
     ([[0, 1], [2, 9]], [5, 20], {}, ValueError, r"block_table\[1, 1\] = 9"),
     ([[0, 1], [2, -1]], [5, 20], {}, ValueError, r"block_table\[1, 1\] = -1"),
@@ -328,6 +337,27 @@ def test_op_paged_valid_call_and_shared_reads():
 def test_op_paged_rejects_before_writing(table, lens, kwargs, exc, match):
     call, caches = _paged_call(table, lens, **kwargs)
     _assert_rejected(call, caches, exc, match)
+
+
+def test_op_head_dim_zero_names_head_dim():
+    # The default scale D ** -0.5 must not divide by zero before the op's own check speaks.
+    q, cache = torch.zeros(1, 1, 2, 0), torch.zeros(1, 16, 2, 0)
+    with pytest.raises(ValueError, match=r"head_dim must be in \[1, 256\], got 0"):
+        attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.zeros(1, dtype=I32))
+
+
+def test_op_sizes_are_checked_before_their_int_casts():
+    # A page size of 2^32 (a multiple of 16) became 0 as an int: the paged cache was taken for a contiguous one.
+    # Zero-stride views: no memory behind the huge sizes, and nothing is written (the call is rejected).
+    d = 16
+    q = torch.zeros(1, 1, 2, d)
+    cache = torch.zeros(1, 1, 2, d).expand(1, 2**32, 2, d)
+    lens, table = torch.zeros(1, dtype=I32), torch.zeros(1, 1, dtype=I32)
+    with pytest.raises(ValueError, match=r"k_cache.size\(1\) \(positions per row, or the page size\)"):
+        attn_with_kvcache(q, cache, cache, cache_seqlens=lens, kv_limit=torch.zeros(1, 1, dtype=I32), block_table=table)
+    with pytest.raises(ValueError, match="seqlen_q and heads must each be below 2"):
+        attn_with_kvcache(torch.zeros(1, 1, 1, d).expand(1, 2**31, 2, d), cache[:, :16], cache[:, :16],
+                          cache_seqlens=lens, kv_limit=torch.zeros(1, 1, dtype=I32))
 
 
 # ------------------------------------------------------------------------------------------- KVCache
@@ -765,3 +795,48 @@ def test_op_empty_batch(lq):
     out, lse = attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=torch.zeros(0, dtype=I32),
                                  return_lse=True)
     assert out.shape == (0, lq, 4, 16) and lse.shape == (0, 4, lq)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_two_threads_appending_to_one_sequence_both_land(paged):
+    # Each call happens whole under the cache's lock: all 2 x 200 single-token appends land, none is lost or
+    # overwritten, and each thread's tokens keep their order.
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    n, threads = 200, 2
+    cache = KVCache(1, 1, 1, 16, capacity=threads * n, page_size=16 if paged else None)
+    errors: list[BaseException] = []
+
+    def append(tag: int) -> None:
+        try:
+            for i in range(n):
+                k = torch.full((1, 1, 1, 16), float(tag * 1000 + i))
+                cache.append_and_attend(0, k, k, k)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    workers = [threading.Thread(target=append, args=(t,)) for t in range(threads)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert not errors
+    assert cache.lengths(0) == [threads * n]
+    keys = cache.get_kv(0, 0)[0][:, 0, 0].tolist()
+    for t in range(threads):
+        assert [k for k in keys if t * 1000 <= k < (t + 1) * 1000] == [float(t * 1000 + i) for i in range(n)]
+
+
+def test_kvcache_seq_ids_must_be_integers_not_floats():
+    cache = _make_cache(False)
+    q = torch.zeros(1, 1, HQ, D)
+    kv = torch.zeros(1, 1, HKV, D)
+    with pytest.raises(TypeError, match="seq_ids entry must be an int, got float"):
+        cache.append_and_attend(0, q, kv, kv, seq_ids=[1.7])
+    cache.append_and_attend(0, q, kv, kv, seq_ids=[torch.tensor(1)])  # integer-like ids are fine
+    assert cache.lengths(0) == [0, 1]
+    copied = copy.deepcopy(cache)  # the lock is not copied: each copy has its own
+    assert copied.lengths(0) == [0, 1] and copied._lock is not cache._lock

@@ -22,8 +22,9 @@ pytest.importorskip("transformers")
 
 from ism_ext.cli.train import main  # noqa: E402
 from ism_ext.training import DEFAULT_DATA, TrainConfig, TrainError, train  # noqa: E402
-from ism_ext.training.checkpoint import LOSS_FILE, STATE_FILE, find_checkpoints  # noqa: E402
+from ism_ext.training.checkpoint import STATE_FILE, find_checkpoints  # noqa: E402
 from ism_ext.training.datasets import make_toy_chat  # noqa: E402
+from ism_ext.training.loss_log import LOSS_FILE  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUIET = ["--no-progress", "--log-every", "1000"]

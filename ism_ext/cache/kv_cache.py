@@ -16,13 +16,22 @@ Lengths live in Python lists (one per layer), so no call ever waits on the devic
 Segment boundaries are recorded per sequence, because KV reuse is only sound at a boundary: the
 tokens of a bidirectional segment attended to each other, so (from layer 1 on) the keys/values of
 its first half already depend on its second half. `truncate` refuses to cut inside a segment.
+
+Thread safety: every method runs under the cache's own lock, so threads sharing one cache see each call
+happen whole (two threads appending to one sequence both land, one after the other, in either order). The
+storage returned by `key_cache` / `value_cache` is outside the lock. Objects built on a cache (the
+transformers adapter, a chat session) keep state of their own and are for one thread at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+import operator
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,6 +42,18 @@ from .paged import PageCopy, PagedAllocator
 __all__ = ["KVCache"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _locked(method: _Method) -> _Method:
+    """Runs the method under the cache's lock (a re-entrant one: locked methods may call each other)."""
+    @functools.wraps(method)
+    def run(self: KVCache, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -89,6 +110,7 @@ class KVCache:
             num_pages: pages of the paged cache; defaults to enough for every sequence at full capacity.
                 Fewer pages over-commit memory: forks and short sequences share the pool.
         """
+        self._lock = threading.RLock()
         self.num_layers = _check_positive_int("num_layers", num_layers)
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.num_kv_heads = _check_positive_int("num_kv_heads", num_kv_heads)
@@ -128,6 +150,16 @@ class KVCache:
         num_pages = self.batch_size * self.max_pages if num_pages is None else num_pages
         return page_size, _check_positive_int("num_pages", num_pages)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry everything but the lock (each copy gets its own)."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # ------------------------------------------------------------------ introspection
 
     @property
@@ -136,15 +168,18 @@ class KVCache:
         return self._pages is not None
 
     @property
+    @_locked
     def seqlens(self) -> torch.Tensor:
         """int32 ``[batch_size]`` on the cache's device: layer 0's lengths (the tokens fully cached after a forward)."""
         return torch.tensor(self._lengths[0], dtype=torch.int32, device=self.device)
 
+    @_locked
     def lengths(self, layer: int) -> list[int]:
         """The cached lengths of every sequence in ``layer`` (a copy, Python ints)."""
         self._check_layer(layer)
         return list(self._lengths[layer])
 
+    @_locked
     def boundaries(self, seq: int) -> list[int]:
         """Sorted positions ``seq`` may be truncated to (recorded from layer 0's appends)."""
         self._check_seq(seq, "seq")
@@ -164,15 +199,18 @@ class KVCache:
         return self._v[layer]
 
     @property
+    @_locked
     def block_table(self) -> torch.Tensor:
         """int32 ``[batch_size, max_pages]``: page indices of each sequence (-1: none). Paged only; do not modify."""
         return self._paged("block_table").block_table
 
     @property
+    @_locked
     def num_free_pages(self) -> int:
         """Pages not used by any sequence. Paged caches only."""
         return self._paged("num_free_pages").num_free
 
+    @_locked
     def page_refcount(self, page: int) -> int:
         """How many sequences use ``page`` (paged caches only)."""
         pages = self._paged("page_refcount")
@@ -180,6 +218,7 @@ class KVCache:
             raise ValueError(f"KVCache: page must be in [0, {self.num_pages}), got {page}")
         return pages.refcount(page)
 
+    @_locked
     def get_kv(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the cached keys and values of ``seq`` in ``layer``: ``[length, Hkv, D]`` each."""
         self._check_layer(layer)
@@ -193,6 +232,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ the forward step
 
+    @_locked
     def append_and_attend(
         self,
         layer: int,
@@ -357,6 +397,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ history edits
 
+    @_locked
     def truncate(self, seq: int, length: int) -> None:
         """Drops the tokens of ``seq`` from position ``length`` on, in every layer.
 
@@ -388,6 +429,7 @@ class KVCache:
             used = max(layer_lengths[seq] for layer_lengths in self._lengths)
             self._pages.release(seq, math.ceil(used / self.page_size))
 
+    @_locked
     def reset(self, seq: int | None = None) -> None:
         """Empties sequence ``seq`` (every sequence when None) in every layer; paged caches free its pages."""
         seqs = range(self.batch_size) if seq is None else [self._check_seq(seq, "seq")]
@@ -398,6 +440,7 @@ class KVCache:
             if self._pages is not None:
                 self._pages.release(s, 0)
 
+    @_locked
     def fork(self, src: int, dst: int) -> None:
         """Makes ``dst`` a copy of ``src`` (every layer, lengths and boundaries); ``dst``'s old content is dropped.
 
@@ -446,7 +489,7 @@ class KVCache:
             return list(range(self.batch_size))
         if isinstance(seq_ids, torch.Tensor):
             seq_ids = seq_ids.tolist()  # documented sync; Python ints are the cheap way
-        seqs = [self._check_seq(int(s) if not isinstance(s, int) else s, "seq_ids entry") for s in seq_ids]
+        seqs = [self._check_seq(_as_index(s), "seq_ids entry") for s in seq_ids]
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"KVCache: seq_ids must not repeat a sequence, got {seqs}")
         return seqs
@@ -460,3 +503,14 @@ class KVCache:
             raise TypeError(f"KVCache: {name} has dtype {t.dtype} but the cache holds {self.dtype}")
         if t.device != self.device:
             raise ValueError(f"KVCache: {name} is on {t.device} but the cache is on {self.device}")
+
+
+def _as_index(value: object) -> object:
+    """An integer-like sequence id (int, numpy or 0-d tensor integer) as an int; anything else as is, for
+    `_check_seq` to reject by type (a float 1.7 must not become sequence 1)."""
+    if isinstance(value, int):  # bools included: `_check_seq` rejects them
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value

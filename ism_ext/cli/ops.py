@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,14 @@ def mask_as_text(turns: Sequence[tuple[str, int]], scheme: str) -> str:
 
 def check_and_time(tokens: int, heads: int, heads_kv: int, head_dim: int, dtype: torch.dtype,
                    repeats: int) -> dict[str, float]:
-    """Error against float64 dense attention, and timings of segment_attention vs SDPA + dense mask."""
+    """Error against float64 dense attention, and timings of segment_attention vs SDPA + dense mask.
+
+    Raises ValueError when ``tokens`` is too few for the 8-round dialogue (one token per turn at least).
+    """
+    if tokens < MIN_TOKENS:
+        raise ValueError(f"tokens must be at least {MIN_TOKENS} (a system turn and {ROUNDS} rounds), got {tokens}")
     gen = torch.Generator().manual_seed(0)
-    kv_limit = kv_limit_for_turns(rounds_dialogue(tokens), "ism")
+    kv_limit = kv_limit_for_turns(rounds_dialogue(tokens, ROUNDS), "ism")
     q = torch.randn(1, tokens, heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(1, tokens, heads_kv, head_dim, generator=gen).to(dtype)
     v = torch.randn(1, tokens, heads_kv, head_dim, generator=gen).to(dtype)
@@ -101,12 +106,31 @@ def run(out_dir: pathlib.Path, tokens: int, repeats: int) -> None:
               f" {r['ism_fwd_bwd']:11.2f} {r['sdpa_fwd_bwd']:10.2f}")
 
 
+ROUNDS = 8  # rounds of the timed dialogue
+MIN_TOKENS = 2 * ROUNDS + 1  # a system turn and 8 (user, assistant) rounds of at least one token each
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum`` (argparse then names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry of the demo."""
     parser = argparse.ArgumentParser(prog="python -m ism_ext ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"), help="folder for the PNGs")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens of the timed dialogue")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--tokens", type=_int_at_least(MIN_TOKENS), default=2048,
+                        help=f"tokens of the timed {ROUNDS}-round dialogue (at least {MIN_TOKENS})")
+    parser.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed runs per measurement")
     args = parser.parse_args(argv)
     run(args.out, args.tokens, args.repeats)

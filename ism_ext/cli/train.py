@@ -56,7 +56,8 @@ def _model_and_data_options(src: argparse._ArgumentGroup) -> None:
     src.add_argument("--pack", action="store_true", help="pack several dialogues per row (no padding)")
     src.add_argument("--max-length", type=int, metavar="N", default=512,
                      help="tokens per dialogue (whole trailing rounds dropped beyond it); the row size with --pack")
-    src.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weight dtype")
+    src.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                     help="weight dtype (float16 is refused: plain AdamW cannot train float16 weights)")
 
 
 def _optimisation_options(opt: argparse._ArgumentGroup) -> None:
@@ -66,7 +67,8 @@ def _optimisation_options(opt: argparse._ArgumentGroup) -> None:
                      help="AdamW learning rate (default: 3e-3 for tiny, 2e-4 with --lora, else 2e-5)")
     opt.add_argument("--weight-decay", type=float, metavar="X", default=0.0, help="AdamW weight decay")
     opt.add_argument("--warmup-steps", type=int, metavar="N", default=0, help="linear LR warm-up steps, constant after")
-    opt.add_argument("--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping (0: none)")
+    opt.add_argument("--max-grad-norm", type=float, metavar="X", default=1.0,
+                     help="gradient clipping (0: none); a finite number")
     length = opt.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help="optimizer steps in all (default: one epoch)")
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the data")
@@ -83,7 +85,10 @@ def _optimisation_options(opt: argparse._ArgumentGroup) -> None:
 def _output_options(run: argparse._ArgumentGroup) -> None:
     """Checkpoints, logging, resume and the processes."""
     run.add_argument("--out", metavar="DIR", help="checkpoints DIR/step-N/ and DIR/loss.jsonl (none if omitted)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest intact checkpoint in --out (damaged ones are named and skipped)")
+    run.add_argument("--resume-from", dest="resume_step", type=int, metavar="N",
+                     help="continue from exactly --out/step-N (stop if it is damaged); implies --resume")
     run.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (always at the end)")
     run.add_argument("--log-every", type=int, metavar="N", default=10, help="print a loss line every N steps")
     run.add_argument("--dist", choices=DIST_MODES, default=None,
@@ -99,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     kwargs = vars(args)
-    if kwargs["max_grad_norm"] is not None and kwargs["max_grad_norm"] <= 0:
+    if kwargs["max_grad_norm"] == 0:  # the documented "no clipping"; NaN and negatives reach check_config
         kwargs["max_grad_norm"] = None
+    if kwargs["resume_step"] is not None:
+        kwargs["resume"] = True
     try:
         result = train(TrainConfig(**kwargs))
     except (TrainError, FileNotFoundError) as e:

@@ -21,7 +21,7 @@ compare against). The model must use `attn_implementation="ism"` (`ism_ext.integ
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +30,17 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..integrations.hf import IsmCache, cache_argument_name, is_ism_model
+from ..perf import median_ms
 from ..turns import render_dialogue, tokenize_rendered
 
-SCHEMES = ("ism", "mas", "causal", "prefix_lm")
+# The chat's ways of treating the history (not the mask schemes of `ism_ext.masks.SCHEMES`: "prefix_lm" here
+# also means recomputing the whole prompt every round).
+CHAT_SCHEMES = ("ism", "mas", "causal", "prefix_lm")
+
+# Why a round's answer ended (`RoundStats.finish_reason`).
+FINISH_END_OF_TURN = "end_of_turn"  # the model ended its turn
+FINISH_MAX_NEW_TOKENS = "max_new_tokens"  # cut at the session's answer length limit
+FINISH_CACHE_FULL = "cache_full"  # cut because the cache could hold no more tokens: the answer is partial
 
 
 @dataclass
@@ -45,6 +53,7 @@ class RoundStats:
     answer_tokens: int
     decode_tokens_per_s: float
     cache_tokens: int  # tokens in the cache after the round
+    finish_reason: str = FINISH_END_OF_TURN  # one of the FINISH_* constants: "cache_full" marks a partial answer
 
 
 @dataclass
@@ -99,12 +108,14 @@ class _RoundPrompt:
 
 @dataclass
 class _RoundStart:
-    """What `undo` restores: the dialogue, the messages and the cache length before a round."""
+    """The session as it was before a round: what a failed round restores and what `undo` goes back to."""
 
     cache_length: int
     dialogue: _Dialogue
     n_messages: int
     next_block: int
+    n_stats: int
+    n_logits: int
 
 
 class ChatSession:
@@ -135,8 +146,13 @@ class ChatSession:
         max_cache_tokens: capacity of the cache (default: the model's context, at most 4096 tokens).
         page_size: a paged cache with pages of this many tokens (a multiple of 16); None for a contiguous one.
         """
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if scheme not in CHAT_SCHEMES:
+            raise ValueError(f"scheme must be one of {CHAT_SCHEMES}, got {scheme!r}")
+        _check_count("max_new_tokens", max_new_tokens, minimum=1)
+        if max_cache_tokens is not None:  # checked, not `or`-ed: 0 must not silently mean "the default"
+            _check_count("max_cache_tokens", max_cache_tokens, minimum=1)
+        if page_size is not None:
+            _check_count("page_size", page_size, minimum=1)
         if not is_ism_model(model):
             raise ValueError("ChatSession needs a model with attn_implementation='ism' (see ism_ext.integrations.hf)")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -144,7 +160,7 @@ class ChatSession:
         self.model, self.tokenizer, self.scheme = model, tokenizer, scheme
         self.max_new_tokens, self.use_cache, self.record_logits = max_new_tokens, use_cache, record_logits
         context = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.max_cache_tokens = max_cache_tokens or min(context, 4096)
+        self.max_cache_tokens = max_cache_tokens if max_cache_tokens is not None else min(context, 4096)
         self.page_size = page_size
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.stats: list[RoundStats] = []
@@ -152,6 +168,9 @@ class ChatSession:
         self.logit_positions: list[int] = []  # per step: that position's index in the dialogue
         self.dialogue = _Dialogue()
         self.cache: IsmCache | None = None
+        # prefix_lm recomputes every round into this second cache and swaps it in when the round succeeds, so a
+        # failed round leaves `cache` as it was.
+        self._spare_cache: IsmCache | None = None
         self._next_block = 0
         self._round_starts: list[_RoundStart] = []
         eos = tokenizer.eos_token_id
@@ -182,34 +201,59 @@ class ChatSession:
         return _RoundPrompt(history, new.input_ids.tolist(), blocks.tolist(), rendered.text, new.turns, next_block)
 
     def _start_round(self, prompt: _RoundPrompt) -> None:
-        """The dialogue now holds the round's prompt; prefix_lm starts from an empty cache."""
-        if self.scheme == "prefix_lm" and self.cache is not None:
-            self.cache.reset()
+        """The dialogue now holds the round's prompt."""
         self.dialogue = _copy(prompt.history)
         self.dialogue.text = prompt.text
         self.dialogue.turns += prompt.turns
         self._next_block = prompt.next_block
 
-    def _generation_config(self, temperature: float, top_p: float):
+    def _round_cache(self) -> IsmCache | None:
+        """The cache this round generates into: the session's, or for prefix_lm the emptied spare one."""
+        if not self.use_cache:
+            return None
+        if self.scheme != "prefix_lm":
+            if self.cache is None:
+                self.cache = self._new_cache()
+            return self.cache
+        if self._spare_cache is None:
+            self._spare_cache = self._new_cache()
+        self._spare_cache.reset()
+        return self._spare_cache
+
+    def _new_cache(self) -> IsmCache:
+        return IsmCache.for_model(self.model, 1, self.max_cache_tokens, page_size=self.page_size)
+
+    def _answer_budget(self, prompt_tokens: int) -> int:
+        """Answer tokens this round may generate: ``max_new_tokens``, or fewer when the cache would fill first.
+
+        Every answer token ends up in the cache (the last one through `_cache_last_token`), so the prompt and
+        the answer together must fit. Raises ValueError when not even one answer token fits.
+        """
+        if not self.use_cache:
+            return self.max_new_tokens
+        room = self.max_cache_tokens - prompt_tokens
+        if room < 1:
+            raise ValueError(f"ChatSession: this round's prompt needs {prompt_tokens} cache tokens and its answer at "
+                             f"least one more, but the cache holds {self.max_cache_tokens} (max_cache_tokens); the "
+                             f"session is unchanged (undo earlier rounds or start a session with a larger cache)")
+        return min(self.max_new_tokens, room)
+
+    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float):
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         # top_k=0: only temperature and top-p shape the distribution (transformers defaults to top_k=50).
         # Every generation option lives here: transformers deprecates passing some beside a config.
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, eos_token_id=sorted(self.stop_ids),
+        return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(self.stop_ids),
                                 pad_token_id=pad, top_k=0, use_cache=self.use_cache, return_dict_in_generate=True,
                                 output_logits=self.record_logits, **sampling)
 
-    def _generate(self, ids: list[int], blocks: list[int], temperature: float, top_p: float, seed: int | None,
-                  clock: _RoundClock):
-        """`model.generate` over the whole dialogue on the session's cache (it prefills only the new tokens)."""
+    def _generate(self, cache: IsmCache | None, ids: list[int], blocks: list[int], max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int | None, clock: _RoundClock):
+        """`model.generate` over the whole dialogue on ``cache`` (it prefills only the tokens not cached yet)."""
         device = self.model.device
-        kwargs = {}
-        if self.use_cache:
-            if self.cache is None:
-                self.cache = IsmCache.for_model(self.model, 1, self.max_cache_tokens, page_size=self.page_size)
-            kwargs[cache_argument_name(self.model)] = self.cache
+        kwargs = {} if cache is None else {cache_argument_name(self.model): cache}
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
@@ -218,16 +262,16 @@ class ChatSession:
                 torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
                                                                                device=device),
                 block_sequence_ids=torch.tensor([blocks], device=device), streamer=clock,
-                generation_config=self._generation_config(temperature, top_p), **kwargs)
+                generation_config=self._generation_config(max_new_tokens, temperature, top_p), **kwargs)
 
-    def _cache_last_token(self, token: int) -> None:
-        """Runs the answer's last token (the end-of-turn token) through the model: into the cache now."""
-        if not self.use_cache:
+    def _cache_last_token(self, cache: IsmCache | None, token: int) -> None:
+        """Runs the answer's last token through the model: into the cache now, where the next round expects it."""
+        if cache is None:
             return
         device = self.model.device
         self.model(torch.tensor([[token]], device=device), use_cache=True,
                    block_sequence_ids=torch.tensor([[-1]], device=device),
-                   **{cache_argument_name(self.model): self.cache})
+                   **{cache_argument_name(self.model): cache})
 
     def send(
         self,
@@ -244,46 +288,78 @@ class ChatSession:
         `stream`, if given, is called with each new piece of the answer's text as soon as it is decoded.
         `seed` makes sampling reproducible (the global random state is left as it was). With `ttft_repeats`
         > 0 the round's time to first token is the median of that many runs of its prefill and first token
-        (after one warm-up run; each run is undone by truncating the cache), not the single sample of the round.
+        (`ism_ext.perf.median_ms`, after one warm-up run; each run is undone), not the single sample of the round.
+
+        Atomic: if anything raises (a prompt that does not fit the cache, the model, `stream`, an interrupt),
+        the session is exactly as before the call (messages, dialogue, cache length, statistics, logits) and
+        the exception propagates. When the cache fills during the answer, the answer generated so far is
+        returned and kept, marked by ``stats[-1].finish_reason == "cache_full"``.
         """
-        self._round_starts.append(_RoundStart(self.cache_tokens, _copy(self.dialogue), len(self.messages),
-                                              self._next_block))
+        _check_send_args(user_text, temperature, top_p, ttft_repeats)
+        before = _RoundStart(self.cache_tokens, _copy(self.dialogue), len(self.messages), self._next_block,
+                             len(self.stats), len(self.logits))
         self.messages.append({"role": "user", "content": user_text})
+        try:
+            text = self._run_round(temperature, top_p, seed, stream, ttft_repeats)
+        except BaseException:
+            self._restore(before)
+            raise
+        self._round_starts.append(before)
+        return text
+
+    def _run_round(self, temperature: float, top_p: float, seed: int | None, stream: Callable[[str], None] | None,
+                   ttft_repeats: int) -> str:
+        """One round on the session's state (`send` undoes it if this raises)."""
         with torch.inference_mode():
             prompt = self._round_prompt()
-            ttft = self._median_ttft(prompt, ttft_repeats) if ttft_repeats > 0 else None
+            ids, blocks = prompt.history.ids + prompt.ids, prompt.history.block_ids + prompt.blocks
+            budget = self._answer_budget(len(ids))
+            cache = self._round_cache()
+            ttft = self._median_ttft(cache, ids, blocks, ttft_repeats) if ttft_repeats > 0 else None
             clock = _RoundClock(self.tokenizer, self.stop_ids, stream)
             self._start_round(prompt)
-            ids, blocks = prompt.history.ids + prompt.ids, prompt.history.block_ids + prompt.blocks
-            out = self._generate(ids, blocks, temperature, top_p, seed, clock)
+            out = self._generate(cache, ids, blocks, budget, temperature, top_p, seed, clock)
             answer = out.sequences[0, len(ids):].tolist()
-            self._cache_last_token(answer[-1])
-        self._record(out, ids, prompt, answer, clock, ttft)
+            self._cache_last_token(cache, answer[-1])
+        if self.scheme == "prefix_lm" and cache is not None:
+            self.cache, self._spare_cache = cache, self.cache
+        if answer[-1] in self.stop_ids:
+            finish = FINISH_END_OF_TURN
+        else:
+            finish = FINISH_CACHE_FULL if budget < self.max_new_tokens else FINISH_MAX_NEW_TOKENS
+        self._record(out, ids, prompt, answer, clock, ttft, finish)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": text})
         return text
 
-    def _median_ttft(self, prompt: _RoundPrompt, repeats: int) -> float:
-        """Median time of the round's prefill and first token over `repeats` runs after a warm-up run."""
-        ids, blocks = prompt.history.ids + prompt.ids, prompt.history.block_ids + prompt.blocks
-        start, limit = self.cache_tokens, self.max_new_tokens
-        times = []
-        self.max_new_tokens = 1
-        try:
-            for _ in range(repeats + 1):
-                if self.scheme == "prefix_lm" and self.cache is not None:
-                    self.cache.reset()
-                clock = _RoundClock(self.tokenizer, self.stop_ids, None)
-                self._generate(ids, blocks, 0.0, 1.0, None, clock)
-                times.append(clock.times[0] - clock.t0)
-                if self.cache is not None and self.scheme != "prefix_lm":
-                    self.cache.truncate(start)
-        finally:
-            self.max_new_tokens = limit
-        return statistics.median(times[1:])
+    def _restore(self, start: _RoundStart) -> None:
+        """Puts the session back to ``start`` (after a failed round, or for `undo`)."""
+        if self.cache is not None and self.scheme != "prefix_lm":
+            # Also when the length looks unchanged: a forward that failed may have advanced some layers only.
+            self.cache.truncate(start.cache_length)
+        self.dialogue, self._next_block = _copy(start.dialogue), start.next_block
+        del self.messages[start.n_messages:]
+        del self.stats[start.n_stats:]
+        del self.logits[start.n_logits:]
+        del self.logit_positions[start.n_logits:]
+
+    def _median_ttft(self, cache: IsmCache | None, ids: list[int], blocks: list[int], repeats: int) -> float:
+        """Median seconds of the round's prefill and first token over ``repeats`` runs after a warm-up run.
+
+        Each run generates one token into ``cache`` and is then undone (truncated back, or emptied for prefix_lm,
+        whose cache is the spare one, empty at the start of the round).
+        """
+        start = 0 if cache is None else cache.get_seq_length()
+
+        def prefill_and_first_token() -> None:
+            self._generate(cache, ids, blocks, 1, 0.0, 1.0, None, _RoundClock(self.tokenizer, self.stop_ids, None))
+            if cache is not None:
+                cache.truncate(start)
+
+        return median_ms(prefill_and_first_token, repeats, warmup=1, device=self.model.device) / 1e3
 
     def _record(self, out, ids: list[int], prompt: _RoundPrompt, answer: list[int], clock: _RoundClock,
-                ttft: float | None) -> None:
+                ttft: float | None, finish_reason: str) -> None:
         """The dialogue grows by the round's tokens; the round's figures and (optionally) its logits are kept."""
         self.dialogue.ids = ids + answer
         self.dialogue.block_ids += prompt.blocks + [-1] * len(answer)
@@ -298,21 +374,38 @@ class ChatSession:
                                      ttft_s=clock.times[0] - clock.t0 if ttft is None else ttft,
                                      answer_tokens=len(answer),
                                      decode_tokens_per_s=(len(answer) - 1) / decode_s if decode_s > 0 else 0.0,
-                                     cache_tokens=self.cache_tokens))
+                                     cache_tokens=self.cache_tokens, finish_reason=finish_reason))
 
     def undo(self) -> None:
-        """Forgets the last round: its messages, tokens and statistics, and truncates the cache to where it began.
+        """Forgets the last round: its messages, tokens, statistics and logits, and truncates the cache to where it
+        began.
 
-        The cut is at a segment boundary (the end of the previous round), which is where KV reuse is sound.
+        The cut is at a segment boundary (the end of the previous round), which is where KV reuse is sound. A
+        failed `send` left nothing to undo, so this always forgets the last round that succeeded.
         """
         if not self._round_starts:
             raise ValueError("ChatSession.undo: there is no round to undo")
-        start = self._round_starts.pop()
-        if self.cache is not None and self.scheme != "prefix_lm":
-            self.cache.truncate(start.cache_length)
-        self.dialogue, self._next_block = start.dialogue, start.next_block
-        del self.messages[start.n_messages:]
-        self.stats.pop()
+        self._restore(self._round_starts[-1])
+        self._round_starts.pop()  # only once restored: an undo that raised can be retried
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    """An int (not a bool) >= ``minimum``, or a TypeError/ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"ChatSession: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"ChatSession: {name} must be >= {minimum}, got {value}")
+
+
+def _check_send_args(user_text: object, temperature: float, top_p: float, ttft_repeats: int) -> None:
+    """`send`'s arguments, before the session changes (NaN fails every comparison, so it is named explicitly)."""
+    if not isinstance(user_text, str):
+        raise TypeError(f"ChatSession.send: user_text must be a str, got {type(user_text).__name__}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"ChatSession.send: temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"ChatSession.send: top_p must be in (0, 1], got {top_p}")
+    _check_count("ttft_repeats", ttft_repeats, minimum=0)
 
 
 def _copy(dialogue: _Dialogue) -> _Dialogue:

@@ -95,7 +95,8 @@ def attn_with_kvcache(
     if kv_limit is None:
         kv_limit = kv_limit_causal_append(cache_seqlens, q.shape[1])
     if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+        # head_dim 0 gets a placeholder scale: the op's check then names head_dim (no ZeroDivisionError here).
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     out, lse = op("attn_with_kvcache")(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx, block_table, float(softmax_scale)
     )

@@ -2,7 +2,7 @@
 
 `ChatCollator` turns dialogues into model inputs (padded or packed); `triplet_expansion` builds the prefix-LM
 baseline; `train(TrainConfig(...))` runs the loop of ``python -m ism_ext train`` (config, data files,
-distributed processes, checkpoints and the loop each have their module).
+distributed processes, checkpoints, the loss log, atomic file writes and the loop each have their module).
 """
 
 from .collator import ChatCollator

@@ -1,27 +1,34 @@
-"""Checkpoints of a training run: ``step-N/`` folders, the loss log, random states, weight digests."""
+"""Checkpoints of a training run: ``step-N/`` folders, random states, file digests, and the choice of one to resume.
+
+A checkpoint is written under a temporary name and renamed when complete, with ``checksums.json`` (the sha256 of
+every file in it) written last; a resume verifies those digests before it trusts a checkpoint, so truncated
+or flipped bytes are found and named instead of loading silently or failing with a raw traceback.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pathlib
 import random
 import re
 import shutil
+import sys
 from typing import Any
 
 import torch
 
 from .config import TrainError
 from .distributed import ProcessContext, all_gather_object, barrier, unwrap
+from .files import atomic_write_text, sha256_file
+from .loss_log import LOSS_FILE
 
-__all__ = ["LOSS_FILE", "STATE_FILE", "find_checkpoints", "load_weights", "params_digest", "read_loss_log",
-           "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["LOSS_FILE", "MANIFEST_FILE", "STATE_FILE", "DamagedCheckpoint", "choose_checkpoint", "find_checkpoints",
+           "load_weights", "params_digest", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
-LOSS_FILE = "loss.jsonl"
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "checksums.json"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -75,6 +82,7 @@ def save_checkpoint(
     model_state = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     rngs = all_gather_object(ctx, rng_state())  # per rank: each keeps its own stream on resume
+    _refuse_non_finite(ctx, step, model_state)
     final = out / f"step-{step}"
     if ctx.main:
         tmp = out / f".step-{step}.tmp"
@@ -101,11 +109,94 @@ def save_checkpoint(
             if meta["config"]["lora"] else None,
         }
         torch.save(state, tmp / STATE_FILE)
+        _write_manifest(tmp)
         # Written under a temporary name and renamed: an interrupted save never looks like a checkpoint.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier(ctx)
     return final
+
+
+def _refuse_non_finite(ctx: ProcessContext, step: int, model_state: dict[str, torch.Tensor]) -> None:
+    """Raises TrainError on every rank, before anything is written, when a weight holds NaN or inf."""
+    bad = [name for name, t in model_state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = sorted({name for names in all_gather_object(ctx, bad) for name in names})  # rank 0 holds the full state
+    if bad:
+        raise TrainError(f"step {step}: the weights hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); no checkpoint was written")
+
+
+def _write_manifest(folder: pathlib.Path) -> None:
+    """``checksums.json``: the sha256 of every other file of the checkpoint (written last)."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST_FILE)
+    digests = {f.relative_to(folder).as_posix(): sha256_file(f) for f in files}
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps({"sha256": digests}, indent=1) + "\n")
+
+
+class DamagedCheckpoint(TrainError):
+    """A checkpoint whose files do not match its digests, or cannot be read."""
+
+
+def verify_checkpoint(folder: pathlib.Path) -> None:
+    """Raises DamagedCheckpoint naming the first file that is missing or differs from ``checksums.json``.
+
+    A checkpoint written before digests were recorded (no ``checksums.json``) passes; its files are then only
+    checked by reading them.
+    """
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return
+    try:
+        digests = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpoint(f"{folder}: {MANIFEST_FILE} is unreadable ({e})") from None
+    for name, expected in digests.items():
+        file = folder / name
+        if not file.is_file():
+            raise DamagedCheckpoint(f"{folder}: {name} is missing")
+        if sha256_file(file) != expected:
+            raise DamagedCheckpoint(f"{folder}: {name} does not match its sha256 in {MANIFEST_FILE} "
+                                    f"(truncated or altered)")
+
+
+def _load_state(folder: pathlib.Path) -> dict[str, Any]:
+    """The verified checkpoint's trainer state (DamagedCheckpoint when it is damaged or unreadable)."""
+    verify_checkpoint(folder)
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a legacy checkpoint without digests: its damage shows only here
+        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def choose_checkpoint(out: pathlib.Path, step: int | None, main: bool) -> tuple[dict[str, Any], pathlib.Path]:
+    """The checkpoint a resume starts from, with its trainer state.
+
+    With ``step`` None: the newest intact one; each damaged newer one is named on stderr (by rank 0) and
+    skipped. With a ``step``: exactly ``out/step-N``, or a TrainError saying why not (missing or damaged).
+    """
+    checkpoints = find_checkpoints(out)
+    if step is not None:
+        folder = out / f"step-{step}"
+        if (step, folder) not in checkpoints:
+            raise TrainError(f"--resume-from {step}: {folder} is not a complete checkpoint (found "
+                             f"{[s for s, _ in checkpoints]})")
+        try:
+            return _load_state(folder), folder
+        except DamagedCheckpoint as e:
+            raise TrainError(f"--resume-from {step}: the checkpoint is damaged: {e}") from None
+    if not checkpoints:
+        raise TrainError(f"--resume: no checkpoint step-N/ with {STATE_FILE} in {out}")
+    damaged = []
+    for _, folder in reversed(checkpoints):
+        try:
+            state = _load_state(folder)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            if main:
+                print(f"ism_ext train: warning: checkpoint damaged, skipped: {e}", file=sys.stderr, flush=True)
+            continue
+        return state, folder
+    raise TrainError(f"--resume: every checkpoint in {out} is damaged: {'; '.join(damaged)}")
 
 
 def load_weights(model: torch.nn.Module, base: torch.nn.Module, ckpt: pathlib.Path, state: dict) -> None:
@@ -119,7 +210,10 @@ def load_weights(model: torch.nn.Module, base: torch.nn.Module, ckpt: pathlib.Pa
 
         weights = {}
         for file in sorted(ckpt.glob("*.safetensors")):
-            weights.update(load_file(file))
+            try:
+                weights.update(load_file(file))
+            except Exception as e:  # verified checkpoints read fine; this names a damaged legacy one
+                raise DamagedCheckpoint(f"{file} cannot be read ({type(e).__name__}: {e})") from None
     result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:
         raise TrainError(f"{ckpt}: unexpected weights {sorted(result.unexpected_keys)[:5]} (another model?)")
@@ -129,20 +223,6 @@ def load_weights(model: torch.nn.Module, base: torch.nn.Module, ckpt: pathlib.Pa
     missing = [k for k in result.missing_keys if k in named and named[k].requires_grad and id(named[k]) not in loaded]
     if missing:
         raise TrainError(f"{ckpt}: trainable weights missing from the checkpoint: {missing[:5]}")
-
-
-def read_loss_log(path: pathlib.Path, upto: int) -> list[dict[str, Any]]:
-    """The records of ``loss.jsonl`` up to step ``upto`` (later ones belong to steps a resume redoes)."""
-    records = []
-    if path.is_file():
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break  # a line cut short by an interruption: nothing after it is trustworthy
-            if rec.get("step", math.inf) <= upto:
-                records.append(rec)
-    return records
 
 
 def params_digest(model: torch.nn.Module) -> tuple[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ class TrainConfig:
     model without its LoRA adapter under causal masks (the teacher) to the model with it under ``scheme``
     (self-distillation: the adapter learns to give the teacher's distributions under the new masks).
     ``dist=None`` means ``"ddp"`` when launched by torchrun with ``WORLD_SIZE > 1``, else ``"none"``.
+    ``resume=True`` continues from the newest intact checkpoint in ``out``; with ``resume_step=N`` from exactly
+    ``out/step-N`` (a damaged one is then an error, not skipped).
     """
 
     model: str = TINY
@@ -67,6 +70,7 @@ class TrainConfig:
     objective: str = "lm"
     out: str | None = None
     resume: bool = False
+    resume_step: int | None = None
     seed: int = 0
     log_every: int = 10
     save_every: int | None = None
@@ -95,11 +99,16 @@ def check_config(config: TrainConfig) -> None:
     for name in ("batch_size", "max_length", "log_every", "lora_r"):
         if getattr(config, name) < 1:
             raise TrainError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("steps", "epochs", "save_every"):
+    for name in ("steps", "epochs", "save_every", "resume_step"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise TrainError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.lr is not None and not config.lr > 0:
-        raise TrainError(f"lr must be > 0, got {config.lr}")
+    _check_floats(config)
+    if config.dtype == "float16":
+        # Plain AdamW on float16 weights: updates below float16's resolution vanish and its range overflows
+        # (NaN from the second step on the tiny model). A loss scaler with float32 master weights would be needed.
+        raise TrainError("--dtype float16 cannot train with plain AdamW (float16 weights lose small updates and "
+                         "overflow: the loss turns NaN); use --dtype bfloat16 (same memory, float32's range) or "
+                         "float32")
     if config.warmup_steps < 0:
         raise TrainError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
     if config.gguf_file is not None and config.gguf is None:
@@ -108,6 +117,8 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError("give --model PATH or --gguf PATH --gguf-file NAME, not both")
     if config.resume and config.out is None:
         raise TrainError("--resume needs --out DIR (where the checkpoints are)")
+    if config.resume_step is not None and not config.resume:
+        raise TrainError("resume_step needs resume=True (--resume-from N sets both)")
     if config.debug_sync and config.out is None:
         raise TrainError("--debug-sync needs --out DIR (where params_rank*.txt are written)")
     if config.objective not in OBJECTIVES:
@@ -116,6 +127,22 @@ def check_config(config: TrainConfig) -> None:
         raise TrainError("the distill objective needs --lora: the teacher is the same model without its adapter")
     if config.lora:
         import_peft()  # before a large model is loaded for nothing
+
+
+def _check_floats(config: TrainConfig) -> None:
+    """Float settings: finite (NaN passes every comparison check), and in range."""
+    for name in ("lr", "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise TrainError(f"{name} must be a finite number, got {value}")
+    if config.lr is not None and not config.lr > 0:
+        raise TrainError(f"lr must be > 0, got {config.lr}")
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        raise TrainError(f"max_grad_norm must be > 0 (or None: no clipping), got {config.max_grad_norm}")
+    if config.weight_decay < 0:
+        raise TrainError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not 0 <= config.lora_dropout < 1:
+        raise TrainError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
 
 
 def import_peft() -> Any:

@@ -16,7 +16,8 @@ from ..masks import ROLES
 from ..turns import tokenize_dialogue
 from .config import TrainError
 
-__all__ = ["ChatExample", "batches_for_epoch", "file_digest", "load_chat_jsonl", "make_collate", "tokenizer_digest"]
+__all__ = ["ChatExample", "batches_for_epoch", "check_dialogues_fit", "file_digest", "load_chat_jsonl", "make_collate",
+           "tokenizer_digest"]
 
 
 @dataclass
@@ -27,48 +28,98 @@ class ChatExample:
     line: int
 
 
+MAX_PROBLEMS = 10  # problems listed in one error (the count of the rest follows)
+_BOM = "\ufeff"
+
+
+def _problems_error(path: pathlib.Path, problems: list[str]) -> TrainError:
+    """One TrainError listing the first problems of a file (each "line N: reason")."""
+    shown = problems[:MAX_PROBLEMS]
+    more = f"\n  ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+    noun = "problem" if len(problems) == 1 else "problems"
+    return TrainError(f"{path}: {len(problems)} {noun}:\n  " + "\n  ".join(f"{path}, {p}" for p in shown) + more)
+
+
+def _parse_line(raw: bytes, line_no: int) -> list[dict[str, Any]]:
+    """The messages of one JSONL line; raises ValueError with the reason (without the file and line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)") from None
+    if line_no == 1 and text.startswith(_BOM):
+        text = text[1:]  # a byte order mark at the start of the file (some editors write one): not content
+    elif _BOM in text:
+        raise ValueError("holds a byte order mark (U+FEFF), e.g. from files joined together; remove it")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('expected an object with a non-empty "messages" list')
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f'message {k} must be an object with a string "content"')
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {k} has role {m.get('role')!r}; expected one of {ROLES}")
+    roles = [m["role"] for m in messages]
+    if roles[0] == "assistant":
+        raise ValueError("the dialogue starts with an assistant message")
+    if "assistant" not in roles:
+        raise ValueError("the dialogue has no assistant message (nothing to train on)")
+    return messages
+
+
 def load_chat_jsonl(path: str | os.PathLike) -> list[ChatExample]:
     """Reads and validates a JSONL chat file: one ``{"messages": [{"role", "content"}, ...]}`` object per line.
 
-    Blank lines are skipped. Each dialogue must start with a non-assistant message and contain at least one
-    assistant message (otherwise it has nothing to train). Validation happens here, once, so that a bad line is
-    reported by its line number before any model is loaded.
+    Blank lines are skipped; a UTF-8 byte order mark at the start of the file is ignored. Each dialogue must
+    start with a non-assistant message and contain at least one assistant message (otherwise it has nothing to
+    train). The whole file is validated here, once, so that every bad line is reported (by line number, the
+    first few of them) before any model is loaded.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        TrainError: invalid JSON, a wrong structure, an unknown role or an empty file; the message names the
-            file and the line.
+        TrainError: bytes that are not UTF-8, a byte order mark inside the file, invalid or too deeply nested
+            JSON, a wrong structure, an unknown role, or an empty file; the message names the file, each line
+            and its reason.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     examples: list[ChatExample] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            messages = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise TrainError(f'{where}: expected an object with a non-empty "messages" list')
-            for k, m in enumerate(messages):
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                    raise TrainError(f'{where}: message {k} must be an object with a string "content"')
-                if m.get("role") not in ROLES:
-                    raise TrainError(f"{where}: message {k} has role {m.get('role')!r}; expected one of {ROLES}")
-            roles = [m["role"] for m in messages]
-            if roles[0] == "assistant":
-                raise TrainError(f"{where}: the dialogue starts with an assistant message")
-            if "assistant" not in roles:
-                raise TrainError(f"{where}: the dialogue has no assistant message (nothing to train on)")
-            examples.append(ChatExample(messages, line_no))
+    problems: list[str] = []
+    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip() or raw.strip() == _BOM.encode("utf-8") and line_no == 1:
+            continue
+        try:
+            examples.append(ChatExample(_parse_line(raw, line_no), line_no))
+        except ValueError as e:
+            problems.append(f"line {line_no}: {e}")
+    if problems:
+        raise _problems_error(path, problems)
     if not examples:
         raise TrainError(f"{path}: no dialogues (the file is empty)")
     return examples
+
+
+def check_dialogues_fit(collator: Any, examples: Sequence[ChatExample], data_path: pathlib.Path) -> None:
+    """Tokenises every dialogue as the collator will, so that one it rejects (its first round longer than
+    ``max_length``, say) is reported by line before the model loads, not when its batch comes up.
+
+    Raises:
+        TrainError: naming the file, each rejected dialogue's line and the reason.
+    """
+    problems = []
+    for example in examples:
+        try:
+            tokenize_dialogue(collator.tokenizer, example.messages, collator.scheme, collator.max_length)
+        except ValueError as e:
+            problems.append(f"line {example.line}: {e}")
+    if problems:
+        raise _problems_error(data_path, problems)
 
 
 def batches_for_epoch(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:

@@ -8,14 +8,17 @@ view it has at inference. The model runs with ``attn_implementation="ism"`` (:mo
 Outputs under ``--out``: ``loss.jsonl`` (one JSON object per optimizer step) and ``step-N/`` checkpoints. A
 checkpoint is a Hugging Face directory (``save_pretrained`` of the model and the tokenizer, so ``--model
 DIR/step-N`` or ``from_pretrained`` loads it) plus ``trainer_state.pt`` with the optimizer, the LR schedule,
-every rank's RNG state and the data position. ``--resume`` continues from the newest one; on the CPU the loss
-curve is then bit-for-bit that of an uninterrupted run.
+every rank's RNG state and the data position, and ``checksums.json`` (sha256 of every file). ``--resume``
+continues from the newest intact one (a damaged one is named and skipped; ``--resume-from N`` takes exactly
+``step-N`` or stops); on the CPU the loss curve is then bit-for-bit that of an uninterrupted run, and
+``loss.jsonl`` keeps every line up to the checkpoint's step. A non-finite loss or gradient norm stops the run
+before the optimizer step, and a checkpoint is never written with non-finite weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import pathlib
 import random
 from dataclasses import dataclass, field
@@ -24,21 +27,22 @@ from typing import Any
 import torch
 
 from ..turns import IGNORE_INDEX
-from .checkpoint import (
-    LOSS_FILE,
-    STATE_FILE,
-    find_checkpoints,
-    load_weights,
-    params_digest,
-    read_loss_log,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import choose_checkpoint, find_checkpoints, load_weights, params_digest, save_checkpoint, set_rng_state
 from .collator import ChatCollator
 from .config import DEFAULT_DATA, RESUME_FIELDS, TrainConfig, TrainError, check_config, default_lr
-from .data_files import ChatExample, batches_for_epoch, file_digest, load_chat_jsonl, make_collate, tokenizer_digest
+from .data_files import (
+    ChatExample,
+    batches_for_epoch,
+    check_dialogues_fit,
+    file_digest,
+    load_chat_jsonl,
+    make_collate,
+    tokenizer_digest,
+)
 from .distributed import ProcessContext, all_gather_object, barrier, setup_processes, wrap
-from .model_setup import apply_lora, load_model_and_tokenizer
+from .files import atomic_write_text
+from .loss_log import LOSS_FILE, append_record, open_loss_log, read_loss_log, sync_loss_log
+from .model_setup import apply_lora, load_model, load_tokenizer
 from .objectives import step_loss
 
 __all__ = ["train"]
@@ -137,16 +141,13 @@ def _resume_point(config: TrainConfig, ctx: ProcessContext,
     """The checkpoint to resume from (and its state), chosen before anything is built so a bad --out fails fast."""
     if out is None:
         return None, None
-    checkpoints = find_checkpoints(out)
     if not config.resume:
+        checkpoints = find_checkpoints(out)
         if checkpoints:
             raise TrainError(f"{out} already holds checkpoints (newest {checkpoints[-1][1].name}); pass --resume to "
                              f"continue, or choose another --out")
         return None, None
-    if not checkpoints:
-        raise TrainError(f"--resume: no checkpoint step-N/ with {STATE_FILE} in {out}")
-    ckpt = checkpoints[-1][1]
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    state, ckpt = choose_checkpoint(out, config.resume_step, ctx.main)
     saved = state["config"]
     defaults = TrainConfig()  # a setting older checkpoints do not record has its default there
     diff = [f"{k}: {saved.get(k, getattr(defaults, k))!r} -> {getattr(config, k)!r}" for k in RESUME_FIELDS
@@ -174,9 +175,12 @@ def _build(config: TrainConfig, ctx: ProcessContext, examples: list[ChatExample]
     data_digest = file_digest(data_path)
     if resume_state is not None and resume_state["data_sha256"] != data_digest:  # before a model is loaded
         raise TrainError(f"--resume: {data_path} changed since {ckpt} was written (sha256 differs)")
-    model, tokenizer = load_model_and_tokenizer(config, examples)
+    tokenizer = load_tokenizer(config, examples)
+    collator = ChatCollator(tokenizer, scheme=config.scheme, max_length=config.max_length, pack=config.pack)
+    check_dialogues_fit(collator, examples, data_path)  # every dialogue, before the model loads
     tok_digest = tokenizer_digest(tokenizer)
     _check_tokenizer_digest(ctx, resume_state, ckpt, data_digest, tok_digest)
+    model = load_model(config, tokenizer)
     base = apply_lora(model, config) if config.lora else model
     wrapped = wrap(base.to(ctx.device), ctx)
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -184,7 +188,6 @@ def _build(config: TrainConfig, ctx: ProcessContext, examples: list[ChatExample]
     warmup = config.warmup_steps
     # Linear warm-up, then constant: a pure function of the step, so the schedule state is just the step count.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    collator = ChatCollator(tokenizer, scheme=config.scheme, max_length=config.max_length, pack=config.pack)
     meta = {
         "config": dataclasses.asdict(config),
         "world_size": ctx.world,
@@ -235,13 +238,11 @@ def _announce(run: _Run, ckpt: pathlib.Path | None) -> None:
 
 
 def _open_log(run: _Run):
-    """Rank 0 rewrites ``loss.jsonl`` up to the resume point (later steps are redone) and appends to it."""
+    """Rank 0 opens ``loss.jsonl`` for appending, keeping every line up to the resume point (see `loss_log`)."""
     if not (run.ctx.main and run.out is not None):
         return None
     run.out.mkdir(parents=True, exist_ok=True)
-    path = run.out / LOSS_FILE
-    path.write_text("".join(json.dumps(r) + "\n" for r in run.history), encoding="utf-8")
-    return path.open("a", encoding="utf-8")
+    return open_loss_log(run.out / LOSS_FILE, run.step)
 
 
 def _optimizer_step(run: _Run, batch_indices: list[int]) -> dict[str, Any]:
@@ -250,28 +251,40 @@ def _optimizer_step(run: _Run, batch_indices: list[int]) -> dict[str, Any]:
     batch = {k: v.to(ctx.device, non_blocking=True) for k, v in run.collate(batch_indices).items()}
     loss = step_loss(config.objective, run.model, run.base, batch)
     loss.backward()
-    grad_norm = None
-    if config.max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-    lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     # One small all-reduce for the log line: the mean loss over ranks (what DDP's averaged gradient
-    # descends) and the number of trained (labelled) tokens.
+    # descends) and the number of trained (labelled) tokens. Before the step, so that every rank sees the
+    # same (possibly non-finite) loss and all stop together.
     stats = torch.stack([loss.detach().float(), (batch["labels"] != IGNORE_INDEX).sum().float()])
     if ctx.distributed:
         import torch.distributed as dist
 
         dist.all_reduce(stats)
         stats[0] /= ctx.world
+    _stop_if_not_finite(run, "loss", float(stats[0]))
+    grad_norm = None
+    if config.max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        _stop_if_not_finite(run, "gradient norm", float(grad_norm))  # the same on every rank (global norm)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     record = {"step": run.step + 1, "epoch": run.epoch, "loss": float(stats[0]), "lr": lr,
               "trained_tokens": int(stats[1])}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     return record
+
+
+def _stop_if_not_finite(run: _Run, what: str, value: float) -> None:
+    """TrainError before the optimizer step when ``value`` is NaN or inf: the weights stay as they were."""
+    if math.isfinite(value):
+        return
+    last = f"the newest checkpoint is {run.last_ckpt}" if run.last_ckpt is not None else "no checkpoint was written"
+    raise TrainError(f"step {run.step + 1}: the {what} is {value}; stopped before the optimizer step ({last}). "
+                     f"Try a lower --lr, gradient clipping (--max-grad-norm) or --dtype float32")
 
 
 def _advance(run: _Run, order: list[list[int]]) -> list[list[int]]:
@@ -289,8 +302,7 @@ def _after_step(run: _Run, record: dict[str, Any], log_file, bar) -> None:
     config, step, total = run.config, run.step, run.total_steps
     run.history.append(record)
     if log_file is not None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        append_record(log_file, record)
     bar.update(1)
     bar.set_postfix(loss=f"{record['loss']:.4f}")
     if run.ctx.main and (step % config.log_every == 0 or step == total):
@@ -298,6 +310,8 @@ def _after_step(run: _Run, record: dict[str, Any], log_file, bar) -> None:
                   f"tokens {record['trained_tokens']}")
     if run.out is not None and ((config.save_every and step % config.save_every == 0) or step == total):
         run.meta["data_position"] = {"epoch": run.epoch, "batch": run.batch_pos}
+        if log_file is not None:
+            sync_loss_log(log_file)  # the checkpoint's steps are in the log on disk before it exists
         run.last_ckpt = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.tokenizer,
                                         run.ctx, run.meta)
 
@@ -327,4 +341,4 @@ def _write_params_digest(run: _Run) -> None:
     assert run.out is not None
     digest, total = params_digest(run.model)
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / f"params_rank{run.ctx.rank}.txt").write_text(f"step {run.step}\nsha256 {digest}\nsum {total!r}\n")
+    atomic_write_text(run.out / f"params_rank{run.ctx.rank}.txt", f"step {run.step}\nsha256 {digest}\nsum {total!r}\n")

@@ -10,23 +10,11 @@ from ..integrations.hf.models import SMOLLM2, smollm2_path
 from .config import DTYPES, TINY, TrainConfig, TrainError, import_peft
 from .data_files import ChatExample
 
-__all__ = ["apply_lora", "load_model_and_tokenizer"]
+__all__ = ["apply_lora", "load_model", "load_tokenizer"]
 
 
-def load_model_and_tokenizer(config: TrainConfig, examples: Sequence[ChatExample]) -> tuple[Any, Any]:
-    """The model (``attn_implementation="ism"``, float weights of ``--dtype``) and its tokenizer."""
-    from ..integrations import hf  # registers attn_implementation="ism"
-
-    dtype = DTYPES[config.dtype]
-    if config.model == TINY and config.gguf is None:
-        from .toy import build_tiny_llama, build_toy_tokenizer, dialogue_texts
-
-        tokenizer = build_toy_tokenizer(dialogue_texts(e.messages for e in examples))
-        model = build_tiny_llama(len(tokenizer), seed=config.seed, max_positions=max(2048, config.max_length))
-        return model.to(dtype), tokenizer
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(config: TrainConfig) -> tuple[str, dict[str, Any], bool]:
+    """Where a pretrained model and its tokenizer are read from: (path, extra from_pretrained arguments, is GGUF)."""
     source = config.gguf if config.gguf is not None else config.model
     extra: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file is not None else {}
     is_gguf = config.gguf is not None
@@ -36,7 +24,40 @@ def load_model_and_tokenizer(config: TrainConfig, examples: Sequence[ChatExample
     if not os.path.exists(source):
         raise FileNotFoundError(f"model not found: {source} (a local transformers directory is expected; nothing "
                                 f"is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    return source, extra, is_gguf
+
+
+def _is_tiny(config: TrainConfig) -> bool:
+    return config.model == TINY and config.gguf is None
+
+
+def load_tokenizer(config: TrainConfig, examples: Sequence[ChatExample]) -> Any:
+    """The run's tokenizer (the toy one is built from the dialogues), loaded before the model so that the data
+    can be checked against it first."""
+    if _is_tiny(config):
+        from .toy import build_toy_tokenizer, dialogue_texts
+
+        return build_toy_tokenizer(dialogue_texts(e.messages for e in examples))
+    from transformers import AutoTokenizer
+
+    source, extra, _ = _source(config)
+    return AutoTokenizer.from_pretrained(source, **extra)
+
+
+def load_model(config: TrainConfig, tokenizer: Any) -> Any:
+    """The model (``attn_implementation="ism"``, float weights of ``--dtype``) for ``tokenizer``."""
+    from ..integrations import hf  # registers attn_implementation="ism"
+
+    dtype = DTYPES[config.dtype]
+    if _is_tiny(config):
+        from .toy import build_tiny_llama
+
+        model = build_tiny_llama(len(tokenizer), seed=config.seed, max_positions=max(2048, config.max_length))
+        return model.to(dtype)
+
+    from transformers import AutoModelForCausalLM
+
+    source, extra, is_gguf = _source(config)
     model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=hf.ATTN_IMPLEMENTATION, dtype=dtype,
                                                  **extra)
     quantizer = getattr(model, "hf_quantizer", None)
@@ -50,7 +71,7 @@ def load_model_and_tokenizer(config: TrainConfig, examples: Sequence[ChatExample
     if model_type not in hf.SUPPORTED_MODEL_TYPES:
         raise TrainError(f"{source}: model_type {model_type!r} is not supported by the ism attention; supported: "
                          f"{hf.SUPPORTED_MODEL_TYPES}")
-    return model, tokenizer
+    return model
 
 
 def apply_lora(model: Any, config: TrainConfig) -> Any:

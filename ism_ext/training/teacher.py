@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..turns import render_dialogue, tokenize_rendered
+from .files import atomic_write_text
 
 __all__ = ["DEFAULT_PROMPTS", "answer_dialogues", "cached_teacher_file", "left_pad", "load_prompts"]
 
@@ -99,6 +100,8 @@ def cached_teacher_file(out_dir: pathlib.Path, prompts_path: pathlib.Path, split
         return data
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = make()
-    data.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows), encoding="utf-8")
-    meta.write_text(json.dumps(key, indent=1) + "\n", encoding="utf-8")
+    # The key goes first and comes back last: until both files are whole, no key vouches for the answers.
+    meta.unlink(missing_ok=True)
+    atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows))
+    atomic_write_text(meta, json.dumps(key, indent=1) + "\n")
     return data
