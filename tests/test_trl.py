@@ -139,6 +139,18 @@ def test_sft_trainer_steps_equal_the_project_loop(chats, tokenizer, tmp_path, sc
         torch.testing.assert_close(weight, final[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_evaluate_gives_the_models_own_loss(chats, tokenizer, tmp_path):
+    # Dialogues handed to evaluate() are tokenised by the renderer too; the eval loss is the model's own loss.
+    model = build_tiny_llama(len(tokenizer), seed=SEED)
+    args = IsmSFTConfig(**trainer_settings(tmp_path), ism_scheme="mas", max_length=MAX_LENGTH,
+                        per_device_eval_batch_size=N_DIALOGUES)
+    trainer = IsmSFTTrainer(model, args=args, train_dataset=chats[0][:4], processing_class=tokenizer)
+    with torch.no_grad():
+        want = model(**ChatCollator(tokenizer, scheme="mas")(chats[0][4:])).loss.item()
+    got = trainer.evaluate([{"messages": d} for d in chats[0][4:]])["eval_loss"]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_plain_trainer_with_the_collator_equals_the_project_loop(chats, tokenizer, tmp_path):
     log, _ = run_loop(chats, tmp_path, scheme="ism")
     dataset = tokenize_conversations(in_loop_order(chats[0]), tokenizer, "ism", MAX_LENGTH)
@@ -182,26 +194,31 @@ def test_distill_trainer_needs_an_adapter(tokenizer, tmp_path):
         IsmDistillTrainer(build_tiny_llama(len(tokenizer)), args=transformers.TrainingArguments(str(tmp_path)))
 
 
-def test_lora_adapter_loads_for_chat(chats, tokenizer, tmp_path):
+def test_lora_steps_equal_the_project_loop_and_the_adapter_loads_for_chat(chats, tokenizer, tmp_path):
+    torch.manual_seed(SEED)  # the loop's LoRA initialisation comes from the global stream; TRL seeds it with SEED
+    log, loop_out = run_loop(chats, tmp_path, lora=True, pack=True)
     base = tmp_path / "base"
     model = build_tiny_llama(len(tokenizer), seed=SEED)
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    args = IsmSFTConfig(**{**trainer_settings(tmp_path), "learning_rate": 3e-2}, max_length=MAX_LENGTH)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = IsmSFTConfig(**trainer_settings(tmp_path), ism_packing=True, max_length=MAX_LENGTH)
+    lora = peft.LoraConfig(r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = IsmSFTTrainer(model, args=args, train_dataset=in_loop_order(chats[0]), processing_class=tokenizer,
                             peft_config=lora)
     trainer.train()
+    torch.testing.assert_close(log_values(trainer, "loss"), [r["loss"] for r in log], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log_values(trainer, "grad_norm"), [r["grad_norm"] for r in log], rtol=1e-5, atol=1e-6)
     adapter = tmp_path / "adapter"
     trainer.save_model(str(adapter))
 
     merged, chat_tokenizer = load_chat_model(str(base), adapter=adapter)
+    from_loop, _ = load_chat_model(str(base), adapter=loop_out / f"step-{STEPS}")
     plain, _ = load_chat_model(str(base))
     batch = ChatCollator(chat_tokenizer, scheme="ism")(chats[0][:2])
-    trained = trainer.model.eval()
     with torch.no_grad():
-        want = trained(**batch).logits
+        want = trainer.model.eval()(**batch).logits
         torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_loop(**batch).logits, want, rtol=1e-4, atol=1e-5)
         assert (plain(**batch).logits - want).abs().max() > 1e-3  # the adapter changed the model
     session = ChatSession(merged, chat_tokenizer, max_new_tokens=4)
     answers = [session.send("Remember the word bird."), session.send("Which word did I ask you to remember?")]

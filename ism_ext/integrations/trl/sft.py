@@ -139,6 +139,17 @@ class IsmSFTTrainer(SFTTrainer):
     def _tokenize(dataset: Any, tokenizer: Any, args: IsmSFTConfig) -> Any:
         return tokenize_conversations(dataset, tokenizer, args.ism_scheme, args.max_length, args.dataset_num_proc)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`SFTTrainer.evaluate`, with a dataset passed here tokenised by the ISM renderer first (a name selects
+        one of the eval datasets given at construction, which are tokenised already)."""
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._tokenize(d, self.processing_class, self.args)
+                            for name, d in eval_dataset.items()}
+        elif eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._tokenize(eval_dataset, self.processing_class, self.args)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def _set_signature_columns_if_needed(self) -> None:
         # Trainer drops the dataset columns that are not in this list before collation: keep the segments.
         if self._signature_columns is None:
