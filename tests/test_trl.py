@@ -149,6 +149,7 @@ def test_evaluate_gives_the_models_own_loss(chats, tokenizer, tmp_path):
         want = model(**ChatCollator(tokenizer, scheme="mas")(chats[0][4:])).loss.item()
     got = trainer.evaluate([{"messages": d} for d in chats[0][4:]])["eval_loss"]
     assert got == pytest.approx(want, rel=1e-5)
+    assert args.dataset_kwargs is None  # the trainer's own settings went to a copy
 
 
 def test_plain_trainer_with_the_collator_equals_the_project_loop(chats, tokenizer, tmp_path):

@@ -10,6 +10,7 @@ on the LM head) is TRL's and transformers' own.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,23 @@ def _model_init_kwargs(args: SFTConfig) -> dict[str, Any]:
     return kwargs
 
 
+def _tokenize(dataset: Any, tokenizer: Any, args: IsmSFTConfig) -> Any:
+    """A dataset, a dict of them, None or a dataset's name (left as it is), tokenised as ``args`` says."""
+    if dataset is None or isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, dict):
+        return {name: _tokenize(d, tokenizer, args) for name, d in dataset.items()}
+    return tokenize_conversations(dataset, tokenizer, args.ism_scheme, args.max_length, args.dataset_num_proc)
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its eos token (as ChatCollator pads)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return int(pad)
+
+
 class IsmSFTTrainer(SFTTrainer):
     """TRL's `SFTTrainer` training every answer of a dialogue in one ISM (or MAS) pass.
 
@@ -113,41 +131,27 @@ class IsmSFTTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer, with its chat template) is required: the dialogues "
                              "are tokenised before TRL sees them")
+        args = copy.copy(args)  # the settings below are this trainer's: the caller's object stays as it was
         if isinstance(model, str):
             args.model_init_kwargs = _model_init_kwargs(args)
         else:
             ensure_ism_model(model, args.max_length)
-        train_dataset = self._tokenize(train_dataset, processing_class, args)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._tokenize(d, processing_class, args) for name, d in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, processing_class, args)
+        train_dataset = _tokenize(train_dataset, processing_class, args)
+        eval_dataset = _tokenize(eval_dataset, processing_class, args)
         # TRL's preparation would re-tokenise, truncate and pack: the rows are final already.
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else \
-            processing_class.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-        collator = IsmDataCollator(int(pad), pack=args.ism_packing, max_length=args.max_length,
-                                   pad_to_multiple_of=args.pad_to_multiple_of)
+        collator = IsmDataCollator(_pad_token_id(processing_class), pack=args.ism_packing,
+                                   max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         if isinstance(model, str):
             ensure_ism_model(self.model, args.max_length)
 
-    @staticmethod
-    def _tokenize(dataset: Any, tokenizer: Any, args: IsmSFTConfig) -> Any:
-        return tokenize_conversations(dataset, tokenizer, args.ism_scheme, args.max_length, args.dataset_num_proc)
-
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """`SFTTrainer.evaluate`, with a dataset passed here tokenised by the ISM renderer first (a name selects
         one of the eval datasets given at construction, which are tokenised already)."""
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._tokenize(d, self.processing_class, self.args)
-                            for name, d in eval_dataset.items()}
-        elif eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._tokenize(eval_dataset, self.processing_class, self.args)
+        eval_dataset = _tokenize(eval_dataset, self.processing_class, self.args)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:
