@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="3e-3 suits the tiny model; ~2e-5 (full) or 2e-4 (LoRA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sequential", action="store_true", help="take the dialogues in file order (no shuffling)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
     return p.parse_args(argv)
 
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         per_device_train_batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr,
         lr_scheduler_type="constant", weight_decay=0.0, seed=args.seed, logging_steps=1, save_strategy="no",
         report_to=[], gradient_checkpointing=False, ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(), train_sampling_strategy="sequential" if args.sequential else "random",
+        use_cpu=args.cpu or not torch.cuda.is_available(),
+        train_sampling_strategy="sequential" if args.sequential else "random",
     )
     trainer = IsmSFTTrainer(model, args=config, train_dataset=datasets.Dataset.from_list(
         [{"messages": d} for d in dialogues]), processing_class=tokenizer, peft_config=peft_config)

@@ -298,8 +298,9 @@ def _free_port() -> int:
 def test_two_processes_with_half_the_batch_train_as_one_with_all(tmp_path):
     # The shipped example under `accelerate launch` (two torch.distributed processes on the CPU, gloo), then in
     # this process with the whole batch: the same loss at every step (TRL averages over all processes' tokens).
-    common = ["--max-steps", "2", "--limit", "8", "--sequential", "--pack", "--scheme", "ism"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    common = ["--max-steps", "2", "--limit", "8", "--sequential", "--pack", "--scheme", "ism", "--cpu"]
+    # No GPU visible: the processes train on the CPU over gloo even on a machine with GPUs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
