@@ -51,9 +51,14 @@ def test_patched_model_equals_stock_model_under_the_same_dense_mask(scheme):
     with torch.inference_mode():
         ours = patched(ids, block_sequence_ids=blocks).logits
         ref = stock(ids, attention_mask=additive_mask(blocks)).logits
+        ref64 = __import__("copy").deepcopy(stock).double()(ids, attention_mask=additive_mask(blocks).double()).logits
         if scheme == "causal":  # causal layout: the stock model with no mask at all
             torch.testing.assert_close(ours, stock(ids).logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # float32 through 30 layers drifts by a few 1e-4 on a few logits whatever the attention kernel (the
+    # instruction set changes which): the patched model must be as close to float64 as the stock one is.
+    err_ours, err_stock = ((x.double() - ref64).abs().max().item() for x in (ours, ref))
+    assert err_ours <= 2 * err_stock + 1e-5, f"patched {err_ours:.3g} vs stock {err_stock:.3g} from float64"
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
 
 
 def test_real_chat_answers_correctly_with_the_cache_reused():
