@@ -171,8 +171,8 @@ def plot(records: list[dict[str, Any]], path) -> None:
         ax.legend(fontsize=7)
     env = records[0] if records else {}
     fig.suptitle(f"CPU: {env.get('device', '?')}, {env.get('cpu_threads', '?')} threads, kernel "
-                 f"{env.get('kernel_isa', '?')} (torch {env.get('cpu_capability', '?')}), torch {env.get('torch', '?')}, "
-                 f"commit {env.get('commit', '?')}")
+                 f"{env.get('kernel_isa', '?')} (torch {env.get('cpu_capability', '?')}), "
+                 f"torch {env.get('torch', '?')}, commit {env.get('commit', '?')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -123,7 +123,8 @@ def _grad_errors(case, dtype, g):
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    return [(rel(mine, r), rel(theirs, r)) for mine, theirs, r in ((q.grad, qs.grad, qr.grad), (k.grad, ks.grad, kr.grad))]
+    pairs = ((q.grad, qs.grad, qr.grad), (k.grad, ks.grad, kr.grad))
+    return [(rel(mine, r), rel(theirs, r)) for mine, theirs, r in pairs]
 
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
