@@ -8,12 +8,12 @@ namespace ism::cpu::ISM_ISA_NS {
 
 // Per-thread tile buffers of the forward (float32; none grows with the sequence).
 struct FwdScratch {
-  std::vector<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale;
+  std::vector<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale, tile_max;
   std::vector<int32_t> limit;
   explicit FwdScratch(int d)
       : qt(static_cast<size_t>(d) * kTileQ), st(kTileK * kTileQ), acc(static_cast<size_t>(kTileQ) * d),
         k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d), row_max(kTileQ), row_sum(kTileQ),
-        alpha(kTileQ), out_scale(kTileQ), limit(kTileQ) {}
+        alpha(kTileQ), out_scale(kTileQ), tile_max(kTileQ), limit(kTileQ) {}
 };
 
 inline int pad_lanes(int m) { return (m + Vec::W - 1) / Vec::W * Vec::W; }
@@ -41,8 +41,10 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
     const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
     const FloatTile vt = stage_rows(v, k0, n, d, w.v.data());
-    gemm(n, m_pad, d, kt.p, kt.ld, 1, w.qt.data(), m_pad, w.st.data(), m_pad, CMode::kSet);
-    softmax_update_cols(w.st.data(), n, m_pad, m_pad, k0, !key_tile_is_full(min_limit, k0, n), w.limit.data(), state);
+    std::fill(w.tile_max.begin(), w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
+    const MaskAndColumnMax mask_max{w.limit.data(), k0, !key_tile_is_full(min_limit, k0, n), w.tile_max.data()};
+    gemm(n, m_pad, d, kt.p, kt.ld, 1, w.qt.data(), m_pad, w.st.data(), m_pad, CMode::kSet, nullptr, mask_max);
+    softmax_update_cols(w.st.data(), n, m_pad, m_pad, w.tile_max.data(), state);
     // acc = diag(alpha) acc + P V, P read from S^T through its strides; the first tile overwrites.
     gemm(m, d, n, w.st.data(), 1, m_pad, vt.p, vt.ld, w.acc.data(), d, t == 0 ? CMode::kSet : CMode::kScaleAdd,
          w.alpha.data());

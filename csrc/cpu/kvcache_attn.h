@@ -154,7 +154,10 @@ void attend_grouped(const KVCacheAttnParams& p, int group) {
         attend_chunk<T>(p, item.seq, item.head, group, c0, c1, out_parts.data() + part * m * d,
                         lse_parts.data() + part * m, w);
       });
-  at::parallel_for(0, static_cast<int64_t>(p.batch) * p.h_kv, 1, [&](int64_t begin, int64_t end) {
+  // The combine reads m * d * splits floats per pair: small next to the attention, so a decode batch runs it
+  // on the calling thread instead of opening a second parallel region (each region waits for every thread).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (static_cast<int64_t>(m) * d * splits));
+  at::parallel_for(0, static_cast<int64_t>(p.batch) * p.h_kv, grain, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       combine_chunks<T>(p, static_cast<int>(pair / p.h_kv), static_cast<int>(pair % p.h_kv), group, splits,
                         out_parts.data() + pair * splits * m * d, lse_parts.data() + pair * splits * m);

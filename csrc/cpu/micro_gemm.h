@@ -19,12 +19,21 @@ namespace ism::cpu::ISM_ISA_NS {
 // rescale of online softmax folded into the product).
 enum class CMode { kSet, kAdd, kScaleAdd };
 
+// Runs on each register block of C before it is stored: `block<MR, NV>(row0, col0, acc)` may change acc
+// (rows row0.., columns col0.. of C). The forward masks and takes the column max of S^T here, while the scores
+// are still in registers (attend_tile.h).
+struct NoEpilogue {
+  template <int MR, int NV, typename V>
+  void block(int, int, V (&)[MR][NV]) const {}
+};
+
 // One register block: rows [0, MR) of C, NV vectors of columns. With kTail the last vector holds only
 // `tail` (< W) valid columns.
-template <int MR, int NV, bool kTail>
+template <int MR, int NV, bool kTail, typename Epi>
 __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int64_t a_rs, int64_t a_cs,
                                                       const float* b, int64_t ldb, float* c, int64_t ldc,
-                                                      CMode mode, const float* row_scale, int tail) {
+                                                      CMode mode, const float* row_scale, int tail, int row0,
+                                                      int col0, const Epi& epi) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   V acc[MR][NV];
@@ -57,6 +66,7 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
       for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bp[v], acc[i][v]);
     }
   }
+  epi.template block<MR, NV>(row0, col0, acc);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
@@ -73,14 +83,14 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
 
 // A column panel of `nv` vectors (the last with `tail` columns when tail < W) swept by MR-row blocks; the
 // leftover rows get a block of exactly their height.
-template <int NV, bool kTail>
+template <int NV, bool kTail, typename Epi>
 void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
-           int64_t ldc, CMode mode, const float* row_scale, int tail) {
+           int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
   constexpr int MR = Vec::kMR;
   int i = 0;
   for (; i + MR <= m; i += MR) {
     micro_tile<MR, NV, kTail>(k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, mode,
-                              row_scale ? row_scale + i : nullptr, tail);
+                              row_scale ? row_scale + i : nullptr, tail, i, col0, epi);
   }
   const int rows = m - i;
   if (rows == 0) return;
@@ -90,42 +100,46 @@ void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float
   // MR is at most 6 on every instruction set (simd_*.h); the switch names each leftover height.
   static_assert(Vec::kMR <= 6, "extend the leftover switch");
   switch (rows) {
-    case 1: micro_tile<1, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
-    case 2: micro_tile<2, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
-    case 3: micro_tile<3, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
-    case 4: micro_tile<4, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
-    default: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail); break;
+    case 1: micro_tile<1, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 2: micro_tile<2, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 3: micro_tile<3, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 4: micro_tile<4, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    default: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
   }
 }
 
 // The panel of the last `cols` (< kNV * W) columns: nv vectors, the last one partial when cols % W != 0.
-template <int NV>
+template <int NV, typename Epi>
 void last_panel(int nv, int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-                float* c, int64_t ldc, CMode mode, const float* row_scale, int tail) {
+                float* c, int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
   if constexpr (NV >= 1) {
     if (nv == NV) {
       if (tail == Vec::W) {
-        panel<NV, false>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+        panel<NV, false>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
       } else {
-        panel<NV, true>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+        panel<NV, true>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
       }
     } else {
-      last_panel<NV - 1>(nv, m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail);
+      last_panel<NV - 1>(nv, m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
     }
   }
 }
 
-// C[m x n] (mode) A[m x k] * B[k x n]. row_scale (m floats) is read only with CMode::kScaleAdd.
-inline void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-                 float* c, int64_t ldc, CMode mode, const float* row_scale = nullptr) {
+// C[m x n] (mode) A[m x k] * B[k x n]. row_scale (m floats) is read only with CMode::kScaleAdd; `epi` sees
+// every block of C before it is stored.
+template <typename Epi = NoEpilogue>
+void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+          int64_t ldc, CMode mode, const float* row_scale = nullptr, const Epi& epi = Epi{}) {
   if (m <= 0 || n <= 0) return;
   constexpr int W = Vec::W, NV = Vec::kNV, kPanel = NV * W;
   int j = 0;
-  for (; j + kPanel <= n; j += kPanel) panel<NV, false>(m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, W);
+  for (; j + kPanel <= n; j += kPanel) {
+    panel<NV, false>(m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, W, j, epi);
+  }
   const int cols = n - j;
   if (cols > 0) {
     const int nv = (cols + W - 1) / W;
-    last_panel<NV>(nv, m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, cols - (nv - 1) * W);
+    last_panel<NV>(nv, m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, cols - (nv - 1) * W, j, epi);
   }
 }
 

@@ -135,7 +135,7 @@ std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTi
       for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
     }
   }
-  run_heavy_first(
+  run_by_head_heavy_first(
       items, [&p] { return BwdScratch(p.head_dim); },
       [&](const WorkItem& item, BwdScratch& w) {
         const int d = p.head_dim, q0 = p.cu_seqlens_q[item.seq] + item.tile * kTileQ;

@@ -53,8 +53,7 @@ struct Vec {
     const V shifter = set1(12582912.f);  // 1.5 * 2^23: round to nearest without rounding-mode calls
     const V n = (xc + shifter) - shifter;
     const V f = xc - n;
-    V p = set1(1.5252734e-5f);
-    p = p * f + 1.5403530e-4f;
+    V p = set1(1.5403530e-4f);  // Taylor series of 2^f = e^(f ln 2), degree 6
     p = p * f + 1.3333558e-3f;
     p = p * f + 9.6181291e-3f;
     p = p * f + 5.5504109e-2f;

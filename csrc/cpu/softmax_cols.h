@@ -14,37 +14,44 @@ struct SoftmaxState {
   float* alpha;    // out: factor that rescales the accumulator rows for this tile
 };
 
-// One forward step over key rows [k0, k0 + n) of S^T (ld columns, m_pad of them live): masks what each
-// lane may not see (only when `masked`), updates max and sum, and overwrites S^T with the unnormalised
-// probabilities. A score that is NaN stays NaN in its probability, so NaN inputs give NaN outputs; a lane
-// that sees nothing keeps probability 0 (its max stays -inf and the exponent is taken against 0).
-inline void softmax_update_cols(float* st, int n, int64_t ld, int m_pad, int k0, bool masked, const int32_t* limit,
+// The epilogue of the forward's S^T product (micro_gemm.h): on boundary tiles it masks what each lane may
+// not see, and it takes each lane's max over the block's keys while the scores are still in registers, so
+// the softmax step below makes one pass over S^T instead of two.
+struct MaskAndColumnMax {
+  const int32_t* limit;  // kv_limit of each query lane (0 on padding lanes)
+  int k0;                // key index of S^T's row 0
+  bool masked;
+  float* col_max;  // per lane, the max so far of this tile (set to -inf before the product)
+  template <int MR, int NV, typename V>
+  void block(int row0, int col0, V (&acc)[MR][NV]) const {
+    const V neg_inf = Vec::set1(-__builtin_inff());
+    for (int v = 0; v < NV; ++v) {
+      const int col = col0 + v * Vec::W;
+      V mx = Vec::load(col_max + col);
+      for (int i = 0; i < MR; ++i) {
+        if (masked) acc[i][v] = Vec::keep_visible(acc[i][v], limit + col, k0 + row0 + i, neg_inf);
+        mx = Vec::max(acc[i][v], mx);  // a NaN score never becomes the max (NaN is the first operand)
+      }
+      Vec::store(col_max + col, mx);
+    }
+  }
+};
+
+// One forward step over the key rows of S^T (n rows, ld columns, m_pad of them live), already masked and
+// with each lane's max in tile_max (MaskAndColumnMax): updates max and sum and overwrites S^T with the
+// unnormalised probabilities. A NaN score stays NaN in its probability, so NaN inputs give NaN outputs; a
+// lane that sees nothing keeps probability 0 (its max stays -inf and the exponent is taken against 0).
+inline void softmax_update_cols(float* st, int n, int64_t ld, int m_pad, const float* tile_max,
                                 const SoftmaxState& state) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
-  const V neg_inf = Vec::set1(-__builtin_inff());
   for (int c = 0; c < m_pad; c += W) {
     float* col = st + c;
-    V mx0 = neg_inf, mx1 = neg_inf;
-    int j = 0;
-    if (masked) {
-      for (; j < n; ++j) {
-        const V x = Vec::keep_visible(Vec::load(col + j * ld), limit + c, k0 + j, neg_inf);
-        Vec::store(col + j * ld, x);
-        mx0 = Vec::max(x, mx0);
-      }
-    } else {
-      for (; j + 2 <= n; j += 2) {
-        mx0 = Vec::max(Vec::load(col + j * ld), mx0);
-        mx1 = Vec::max(Vec::load(col + (j + 1) * ld), mx1);
-      }
-      if (j < n) mx0 = Vec::max(Vec::load(col + j * ld), mx0);
-    }
     const V old_max = Vec::load(state.row_max + c);
-    const V new_max = Vec::max(Vec::max(mx0, mx1), old_max);
+    const V new_max = Vec::max(Vec::load(tile_max + c), old_max);
     const V ref = Vec::neg_inf_to_zero(new_max);  // no (-inf) - (-inf) for lanes that saw nothing yet
     V sum0 = Vec::zero(), sum1 = Vec::zero();
-    j = 0;
+    int j = 0;
     for (; j + 2 <= n; j += 2) {
       const V p0 = Vec::exp2(Vec::sub(Vec::load(col + j * ld), ref));
       const V p1 = Vec::exp2(Vec::sub(Vec::load(col + (j + 1) * ld), ref));

@@ -40,12 +40,16 @@ FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
 
 // dst[c][i] = scale * rows(r0 + i)[c] for i < m, c < d; zeros for i in [m, ld). The transposed query-side
 // tile (once per query tile, reused against every key tile).
+// Written row of dst by row of dst (strided reads, contiguous writes: a column-wise write would allocate a
+// cache line per element). m <= kTileQ.
 template <typename Rows>
 void pack_transposed(const Rows& rows, int64_t r0, int m, int d, float scale, float* dst, int ld) {
-  for (int c = 0; c < d; ++c) std::fill(dst + static_cast<int64_t>(c) * ld + m, dst + static_cast<int64_t>(c + 1) * ld, 0.f);
-  for (int i = 0; i < m; ++i) {
-    const auto* s = rows(r0 + i);
-    for (int c = 0; c < d; ++c) dst[static_cast<int64_t>(c) * ld + i] = static_cast<float>(s[c]) * scale;
+  const row_element_t<Rows>* src[kTileQ];
+  for (int i = 0; i < m; ++i) src[i] = rows(r0 + i);
+  for (int c = 0; c < d; ++c) {
+    float* out = dst + static_cast<int64_t>(c) * ld;
+    for (int i = 0; i < m; ++i) out[i] = static_cast<float>(src[i][c]) * scale;
+    std::fill(out + m, out + ld, 0.f);
   }
 }
 
