@@ -102,3 +102,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 if __name__ == "__main__":
     main()
+    # Under `accelerate launch` the process group is still open here; closing it before the interpreter exits
+    # avoids a teardown race in gloo's threads ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

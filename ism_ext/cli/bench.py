@@ -109,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-chat", action="store_true", help="skip the model-level chat benchmark")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name() if device == "cuda" else
+             f"CPU, {torch.get_num_threads()} threads, kernels {torch.ops.ism.cpu_kernel_isa()} "
+             f"(torch {torch.backends.cpu.get_cpu_capability()})")
     print(f"ism_ext bench on {where}, torch {torch.__version__} (median of {args.repeats})\n")
     rows = prefill_rows(device, args.repeats) + cache_rows(device, args.repeats)
     rows += [] if args.no_chat else chat_rows(device)
