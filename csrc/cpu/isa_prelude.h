@@ -22,6 +22,7 @@
 
 #include "../ism_params.h"
 #include "../tile_range.h"
+#include "dtype_switch.h"
 #include "isa_kernels.h"
 #include "query_tiles.h"
 #include "row_access.h"

@@ -2,22 +2,10 @@
 #include "isa_prelude.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
-#endif
-
 #define ISM_ISA_NS avx2
-#include "simd_avx2.h"
+#define ISM_ISA_SIMD "simd_avx2.h"
+#define ISM_ISA_TARGET "avx2,fma,f16c,bmi,bmi2"
 #include "kernel_bodies.h"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #else
 namespace ism::cpu::avx2 {
 const IsaKernels* kernels() { return nullptr; }

@@ -2,5 +2,5 @@
 #include "isa_prelude.h"
 
 #define ISM_ISA_NS generic
-#include "simd_generic.h"
+#define ISM_ISA_SIMD "simd_generic.h"
 #include "kernel_bodies.h"

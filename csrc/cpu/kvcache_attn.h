@@ -213,11 +213,7 @@ void kvcache_impl(const KVCacheAttnParams& p) {
 }
 
 inline void kvcache_attn(const KVCacheAttnParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: kvcache_impl<float>(params); break;
-    case DType::kFloat16: kvcache_impl<c10::Half>(params); break;
-    case DType::kBFloat16: kvcache_impl<c10::BFloat16>(params); break;
-  }
+  with_element_type(params.dtype, [&](auto zero) { kvcache_impl<decltype(zero)>(params); });
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

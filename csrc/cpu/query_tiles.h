@@ -8,6 +8,7 @@
 
 #include "../ism_params.h"
 #include "segment_attn_cpu.h"
+#include "work_queue.h"
 
 namespace ism::cpu {
 
@@ -28,9 +29,24 @@ struct QueryTiles {
 
   int count(int seq) const { return offset[seq + 1] - offset[seq]; }
   int max_limit_of(int seq, int tile) const { return max_limit[offset[seq] + tile]; }
+
+  // One work item per (sequence, query head, query tile), costed by rows x largest kv_limit.
+  std::vector<WorkItem> items(const SegmentAttnFwdParams& p) const;
 };
 
 // Rows of query tile `tile` of a sequence with `len` queries.
 inline int tile_rows(int len, int tile) { return std::min(kTileQ, len - tile * kTileQ); }
+
+inline std::vector<WorkItem> QueryTiles::items(const SegmentAttnFwdParams& p) const {
+  std::vector<WorkItem> out;
+  for (int b = 0; b < p.batch; ++b) {
+    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    for (int t = 0; t < count(b); ++t) {
+      const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * max_limit_of(b, t) + 1;
+      for (int h = 0; h < p.h_q; ++h) out.push_back({b, h, t, cost});
+    }
+  }
+  return out;
+}
 
 }  // namespace ism::cpu

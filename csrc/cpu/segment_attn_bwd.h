@@ -127,14 +127,7 @@ std::vector<float> delta_from_output(const SegmentAttnBwdParams& p) {
 template <typename T>
 std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTiles& tiles) {
   std::vector<float> delta(static_cast<size_t>(p.h_q) * p.total_q);
-  std::vector<WorkItem> items;
-  for (int b = 0; b < p.batch; ++b) {
-    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    for (int t = 0; t < tiles.count(b); ++t) {
-      const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1;
-      for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
-    }
-  }
+  std::vector<WorkItem> items = tiles.items(p);
   run_by_head_heavy_first(
       items, [&p] { return BwdScratch(p.head_dim); },
       [&](const WorkItem& item, BwdScratch& w) {
@@ -256,11 +249,7 @@ void bwd_impl(const SegmentAttnBwdParams& p) {
 }
 
 inline void segment_attn_bwd(const SegmentAttnBwdParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: bwd_impl<float>(params); break;
-    case DType::kFloat16: bwd_impl<c10::Half>(params); break;
-    case DType::kBFloat16: bwd_impl<c10::BFloat16>(params); break;
-  }
+  with_element_type(params.dtype, [&](auto zero) { bwd_impl<decltype(zero)>(params); });
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

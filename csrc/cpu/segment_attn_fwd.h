@@ -27,25 +27,14 @@ void fwd_tile(const SegmentAttnFwdParams& p, const QueryTiles& tiles, const Work
 template <typename T>
 void fwd_impl(const SegmentAttnFwdParams& p) {
   const QueryTiles tiles(p);
-  std::vector<WorkItem> items;
-  for (int b = 0; b < p.batch; ++b) {
-    const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    for (int t = 0; t < tiles.count(b); ++t) {
-      const int64_t cost = static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1;
-      for (int h = 0; h < p.h_q; ++h) items.push_back({b, h, t, cost});
-    }
-  }
+  std::vector<WorkItem> items = tiles.items(p);
   run_by_head_heavy_first(
       items, [&p] { return FwdScratch(p.head_dim); },
       [&p, &tiles](const WorkItem& item, FwdScratch& w) { fwd_tile<T>(p, tiles, item, w); });
 }
 
 inline void segment_attn_fwd(const SegmentAttnFwdParams& params) {
-  switch (params.dtype) {
-    case DType::kFloat32: fwd_impl<float>(params); break;
-    case DType::kFloat16: fwd_impl<c10::Half>(params); break;
-    case DType::kBFloat16: fwd_impl<c10::BFloat16>(params); break;
-  }
+  with_element_type(params.dtype, [&](auto zero) { fwd_impl<decltype(zero)>(params); });
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

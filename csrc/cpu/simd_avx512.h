@@ -40,22 +40,14 @@ struct Vec {
     return _mm512_mask_blend_ps(vis, fill, x);
   }
 
-  // 2^x, max relative error 2.4e-7; 0 below -126 and for -inf; NaN stays NaN.
-  static V exp2(V x) {
-    // Operand order keeps NaN: max/min return their second operand when either is NaN.
-    const V xc = _mm512_min_ps(set1(127.f), _mm512_max_ps(set1(-126.f), x));
-    const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = sub(xc, n);  // in [-0.5, 0.5]
-    V p = set1(1.5403530e-4f);  // Taylor series of 2^f = e^(f ln 2), degree 6
-    p = fma(p, f, set1(1.3333558e-3f));
-    p = fma(p, f, set1(9.6181291e-3f));
-    p = fma(p, f, set1(5.5504109e-2f));
-    p = fma(p, f, set1(2.4022651e-1f));
-    p = fma(p, f, set1(6.9314718e-1f));
-    p = fma(p, f, set1(1.f));
-    const I bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const V r = mul(p, _mm512_castsi512_ps(bits));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-126.f), _CMP_LT_OQ), r, zero());
+  // Pieces of exp2 (vec_math.h): round to nearest, 2^n for integral n in [-126, 127], and the select of
+  // `r` where x >= bound (0 elsewhere; NaN x keeps r).
+  static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V pow2i(V n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static V zero_below(V x, float bound, V r) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(bound), _CMP_LT_OQ), r, zero());
   }
 
   // W elements of a half-precision row as float32.

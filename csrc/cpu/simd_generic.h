@@ -48,24 +48,15 @@ struct Vec {
     return lim > (I{} + key) ? x : fill;
   }
 
-  static V exp2(V x) {
-    const V xc = min(set1(127.f), max(set1(-126.f), x));
-    const V shifter = set1(12582912.f);  // 1.5 * 2^23: round to nearest without rounding-mode calls
-    const V n = (xc + shifter) - shifter;
-    const V f = xc - n;
-    V p = set1(1.5403530e-4f);  // Taylor series of 2^f = e^(f ln 2), degree 6
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022651e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.f;
+  // Pieces of exp2 (vec_math.h). Rounding adds and subtracts 1.5 * 2^23 (no rounding-mode calls).
+  static V round(V x) { return (x + 12582912.f) - 12582912.f; }
+  static V pow2i(V n) {
     const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-    V scale;
-    std::memcpy(&scale, &bits, sizeof(V));
-    const V r = p * scale;
-    return x < set1(-126.f) ? zero() : r;
+    V r;
+    std::memcpy(&r, &bits, sizeof(V));
+    return r;
   }
+  static V zero_below(V x, float bound, V r) { return x < set1(bound) ? zero() : r; }
 
   template <typename T>
   static V load_cvt(const T* p) {

@@ -53,19 +53,19 @@ inline void softmax_update_cols(float* st, int n, int64_t ld, int m_pad, const f
     V sum0 = Vec::zero(), sum1 = Vec::zero();
     int j = 0;
     for (; j + 2 <= n; j += 2) {
-      const V p0 = Vec::exp2(Vec::sub(Vec::load(col + j * ld), ref));
-      const V p1 = Vec::exp2(Vec::sub(Vec::load(col + (j + 1) * ld), ref));
+      const V p0 = exp2v(Vec::sub(Vec::load(col + j * ld), ref));
+      const V p1 = exp2v(Vec::sub(Vec::load(col + (j + 1) * ld), ref));
       Vec::store(col + j * ld, p0);
       Vec::store(col + (j + 1) * ld, p1);
       sum0 = Vec::add(sum0, p0);
       sum1 = Vec::add(sum1, p1);
     }
     if (j < n) {
-      const V p0 = Vec::exp2(Vec::sub(Vec::load(col + j * ld), ref));
+      const V p0 = exp2v(Vec::sub(Vec::load(col + j * ld), ref));
       Vec::store(col + j * ld, p0);
       sum0 = Vec::add(sum0, p0);
     }
-    const V alpha = Vec::exp2(Vec::sub(old_max, ref));
+    const V alpha = exp2v(Vec::sub(old_max, ref));
     Vec::store(state.alpha + c, alpha);
     Vec::store(state.row_sum + c, Vec::fma(Vec::load(state.row_sum + c), alpha, Vec::add(sum0, sum1)));
     Vec::store(state.row_max + c, new_max);
@@ -82,7 +82,7 @@ inline void probs_from_lse_cols(float* st, int n, int64_t ld, int m_pad, int k0,
     const V off = Vec::neg_inf_to_zero(Vec::load(lse2 + c));
     float* col = st + c;
     for (int j = 0; j < n; ++j) {
-      V p = Vec::exp2(Vec::sub(Vec::load(col + j * ld), off));
+      V p = exp2v(Vec::sub(Vec::load(col + j * ld), off));
       if (masked) p = Vec::keep_visible(p, limit + c, k0 + j, Vec::zero());
       Vec::store(col + j * ld, p);
     }
