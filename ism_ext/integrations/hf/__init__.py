@@ -12,7 +12,9 @@ Importing this package registers the attention implementation ``"ism"`` in trans
 id >= 0 = one bidirectional block). It travels with the forward's keyword arguments to every attention
 layer (`attention.py`), which turns it, the padding and the packing into one varlen layout per forward
 (`layout.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
-`model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`).
+`model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`, which
+wraps two private `GenerationMixin` methods for ``"ism"`` models only, and says why). No module-level state
+carries anything from one call to the next: see `attention.py`.
 
 Supported families: Llama, Qwen2, Qwen3, Mistral (full attention; sliding windows, logit softcapping
 and attention dropout are rejected with a clear error, never silently ignored).
@@ -21,15 +23,15 @@ and attention dropout are rejected with a clear error, never silently ignored).
 from .attention import (
     ATTN_IMPLEMENTATION,
     SUPPORTED_MODEL_TYPES,
-    SUPPORTED_TRANSFORMERS,
     IsmMask,
+    NewRows,
     ism_attention_forward,
     ism_mask_function,
     register,
 )
 from .cache import IsmCache
-from .generation import cache_argument_name, install, is_ism_model
-from .layout import PackedLayout, packed_layout, query_block_ids
+from .generation import SUPPORTED_TRANSFORMERS, cache_argument_name, check_transformers_version, install, is_ism_model
+from .layout import PackedLayout, layout_tensors, packed_layout, query_block_ids
 from .patch import (
     APPLY_FUNCTIONS,
     apply_ism,
@@ -46,9 +48,11 @@ __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "IsmCache",
     "IsmMask",
+    "NewRows",
     "PackedLayout",
     "apply_ism",
     "cache_argument_name",
+    "check_transformers_version",
     "install",
     "is_ism_model",
     "apply_ism_to_llama",
@@ -57,6 +61,7 @@ __all__ = [
     "apply_ism_to_qwen3",
     "ism_attention_forward",
     "ism_mask_function",
+    "layout_tensors",
     "packed_layout",
     "query_block_ids",
     "register",
