@@ -15,7 +15,10 @@ is layered, one folder a layer (docs/design.md):
 
 import torch  # noqa: F401  (the extension links against torch: load it first)
 
-from . import _C  # noqa: F401  (registers torch.ops.ism.*)
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.ism.*)
+    config,
+)
 from .cache import KVCache
 from .masks import (
     SCHEMES,
@@ -32,6 +35,7 @@ __all__ = [
     "KVCache",
     "SCHEMES",
     "attn_with_kvcache",
+    "config",
     "dense_mask",
     "kv_limit_causal_append",
     "kv_limit_for_turns",

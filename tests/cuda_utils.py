@@ -12,9 +12,6 @@ from reference import Case, make_case
 
 DEV = "cuda"
 
-# Set to "1", it makes the CUDA backward run its small dK/dV tiles (csrc/cuda/bwd_tiles_choice.h),
-# on any GPU; read at every backward call.
-SMALL_TILES_ENV = "ISM_EXT_BWD_SMALL_TILES"
 
 
 def has_cuda_kernel(op: str) -> bool:

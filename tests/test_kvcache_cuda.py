@@ -1,5 +1,6 @@
 """`attn_with_kvcache` on CUDA: the composite of verified pieces, the dedicated kernel (opt-in with
-ISM_EXT_KVCACHE_KERNEL=1: `ism::_attn_with_kvcache_cuda` through the composite's CUDA entry), and `IsmCache`
+kvcache_kernel=True in ism_ext.config: `ism::_attn_with_kvcache_cuda` through the composite's CUDA entry), and
+`IsmCache`
 generation and a SmolLM2 chat on a GPU.
 
 Skipped without a CUDA device or without the CUDA prefill kernel (the composite path runs on it).
@@ -17,6 +18,7 @@ from cuda_utils import DEV, cuda_marks, poison_allocator
 from reference import assert_close_scaled, reference_attention
 
 import ism_ext
+from ism_ext.config import set_kernel_config
 from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
 from ism_ext.ops import kvcache_dispatch as kc
 
@@ -127,14 +129,14 @@ def test_ism_cache_generation_on_the_gpu_matches_the_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The dedicated kernel (ism::_attn_with_kvcache_cuda, opt-in with ISM_EXT_KVCACHE_KERNEL=1): the calls of
+# The dedicated kernel (ism::_attn_with_kvcache_cuda, opt-in with ism_ext.config kvcache_kernel=True): the calls of
 # ism_ext.attn_with_kvcache go to it through the composite's CUDA entry, which counts where each call ran.
 
 
 @pytest.fixture
 def kernel(monkeypatch):
     """Turns the dedicated kernel on; `kernel()` then asserts that every call since ran on it."""
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    set_kernel_config(kvcache_kernel=True)
     start = kc.dispatch_counts()
 
     def ran_on_kernel(calls: int | None = None):
@@ -336,7 +338,7 @@ def test_kernel_rejects_shared_written_pages_before_writing(kernel):
 
 
 def test_kernel_op_rejects_what_it_does_not_cover_and_the_entry_falls_back(monkeypatch):
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    set_kernel_config(kvcache_kernel=True)
     case = KvCase(b=2, lq=1, hkv=2, group=4, head_dim=64, dtype=torch.bfloat16, cap=128, layout="rows",
                   kind="causal", seed=23)
     # A cache 2 bytes off a 16-byte boundary: the kernel op refuses it by name, the op's CUDA entry runs the
@@ -359,11 +361,11 @@ def test_kernel_op_rejects_what_it_does_not_cover_and_the_entry_falls_back(monke
 def test_kernel_matches_the_composite_and_is_not_used_without_the_switch(monkeypatch):
     case = KvCase(b=4, lq=1, hkv=2, group=4, head_dim=128, dtype=torch.bfloat16, cap=2048, layout="paged",
                   kind="causal", seed=29)
-    monkeypatch.delenv(kc.KERNEL_ENV, raising=False)
+    set_kernel_config(kvcache_kernel=False)
     before = kc.dispatch_counts()
     composite = case.run()
     assert kc.dispatch_counts()["kernel"] == before["kernel"]
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    set_kernel_config(kvcache_kernel=True)
     dedicated = case.run()
     assert kc.dispatch_counts()["kernel"] == before["kernel"] + 1
     assert_close_scaled(dedicated[0], composite[0], TOL[torch.bfloat16], "kernel vs composite")

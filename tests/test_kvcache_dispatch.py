@@ -19,6 +19,7 @@ import pytest
 import torch
 from reference import assert_close_scaled, reference_attention
 
+from ism_ext import config
 from ism_ext.masks import kv_limit_causal_append
 from ism_ext.ops import kvcache_dispatch as kc
 
@@ -36,16 +37,12 @@ def _tensors(dtype=torch.bfloat16, d=64, b=2, lq=3, cap=64, hq=4, hkv=2):
     return q, k_cache, v_cache, k_new, v_new, lens, kv_limit_causal_append(lens, lq)
 
 
-@pytest.mark.parametrize(("value", "requested"), [(None, False), ("", False), ("0", False), ("1", True),
-                                                  ("yes", True)])
-def test_kernel_is_requested_by_the_env_var_at_every_call(value, requested, monkeypatch):
-    if value is None:
-        monkeypatch.delenv(kc.KERNEL_ENV, raising=False)
-    else:
-        monkeypatch.setenv(kc.KERNEL_ENV, value)
-    assert kc.kernel_requested() is requested
-    if not requested:
-        assert kc.kernel_fallback_reason(*_tensors()[:3]) == f"{kc.KERNEL_ENV} is not set"
+@pytest.mark.parametrize("requested", [False, True])
+def test_kernel_is_requested_by_the_kernel_config(requested):
+    with config.kernel_config(kvcache_kernel=requested):
+        assert kc.kernel_requested() is requested
+        if not requested:
+            assert "kvcache_kernel=False" in kc.kernel_fallback_reason(*_tensors()[:3])
 
 
 def test_kernel_op_exists_exactly_in_cuda_builds():
@@ -78,7 +75,7 @@ def test_tensor_gaps_name_what_the_kernel_does_not_cover():
 
 def test_fallback_reasons_in_order(monkeypatch):
     q, k_cache, v_cache = _tensors()[:3]
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    config.set_kernel_config(kvcache_kernel=True)
     if not kc.kernel_registered():
         assert kc.kernel_fallback_reason(q, k_cache, v_cache) == "this build has no CUDA KV-cache kernel"
     monkeypatch.setattr(kc, "kernel_registered", lambda: True)
@@ -87,7 +84,7 @@ def test_fallback_reasons_in_order(monkeypatch):
 
 
 def test_cuda_entry_falls_back_to_the_composite_with_the_ops_results(monkeypatch):
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    config.set_kernel_config(kvcache_kernel=True)
     args = _tensors()
     q, k_cache, v_cache, k_new, v_new, lens, lim = args
     k_ref, v_ref = k_cache.clone(), v_cache.clone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from ..config import _push_to_ops, get_kernel_config
 
 NAMESPACE = "ism"
 
@@ -25,3 +26,7 @@ def qualname(name: str) -> str:
 def op(name: str) -> torch._ops.OpOverloadPacket:
     """The callable op ``torch.ops.ism.<name>``."""
     return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+# The CUDA ops start with the configuration the environment asked for (ism_ext.config).
+_push_to_ops(get_kernel_config())

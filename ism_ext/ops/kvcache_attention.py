@@ -39,7 +39,7 @@ if kernel_registered():
 
 
 # CUDA: the composite of verified pieces, which hands the calls it covers to the dedicated kernel when
-# ISM_EXT_KVCACHE_KERNEL=1 (kvcache_dispatch.attn_with_kvcache_cuda), until that kernel has passed its GPU
+# ism_ext.config has kvcache_kernel=True (kvcache_dispatch.attn_with_kvcache_cuda), until that kernel has passed its GPU
 # tests and registers itself for ism::attn_with_kvcache from C++.
 if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname("attn_with_kvcache"), "CUDA"):
     torch.library.impl(qualname("attn_with_kvcache"), "CUDA")(attn_with_kvcache_cuda)
@@ -79,9 +79,9 @@ def attn_with_kvcache(
     Devices: the CPU kernel (float32, float16, bfloat16; head dims 1 to 256). On CUDA, a composite of
     verified pieces (`ism_ext.ops.kvcache_composite`): the same checks, an in-place copy of the new rows,
     then the CUDA prefill kernel over the cache rows (float16, bfloat16; head dims 64 and 128). With
-    ``ISM_EXT_KVCACHE_KERNEL=1`` the dedicated CUDA kernel (append and attention in one launch, split keys
-    for decode) runs the calls it covers instead; it has not run on a GPU yet. Every index value is checked
-    on every path (on CUDA through one copy of the index tensors to the host).
+    ``kvcache_kernel=True`` in ``ism_ext.config`` the dedicated CUDA kernel (append and attention in one
+    launch, split keys for decode) runs the calls it covers instead; it has not run on a GPU yet. Every
+    index value is checked on every path (on CUDA through one copy of the index tensors to the host).
 
     Returns the output `[B, Lq, Hq, D]` (and lse). Errors (ValueError/TypeError naming the argument) are raised
     before anything is written: appending past capacity, `kv_limit` outside `[0, cache_seqlens + Lq]`, a cache

@@ -1,7 +1,8 @@
 """The CUDA entry of ``ism::attn_with_kvcache``: the dedicated kernel when asked for, else the composite.
 
 The dedicated CUDA kernel (``ism::_attn_with_kvcache_cuda``, csrc/cuda/kvcache_*) is opt-in until its GPU
-tests pass: `attn_with_kvcache_cuda` runs it when ``ISM_EXT_KVCACHE_KERNEL=1`` (read at every call) and the
+tests pass: `attn_with_kvcache_cuda` runs it when the kernel configuration asks for it
+(``ism_ext.config``: ``kvcache_kernel``, default from ``ISM_EXT_KVCACHE_KERNEL``) and the
 call is one it covers (`kernel_fallback_reason`), and the composite of verified pieces
 (`kvcache_composite`) otherwise. `combine_partials` is the kernel's combine of split keys in torch, for the
 CPU tests.
@@ -9,18 +10,17 @@ CPU tests.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import torch
 
+from ..config import get_kernel_config
 from ._library import op, qualname
 from .kvcache_composite import attn_with_kvcache_composite
 
-__all__ = ["KERNEL_ENV", "KERNEL_OP", "attn_with_kvcache_cuda", "combine_partials", "dispatch_counts",
+__all__ = ["KERNEL_OP", "attn_with_kvcache_cuda", "combine_partials", "dispatch_counts",
            "kernel_fallback_reason", "kernel_registered", "kernel_requested", "kernel_tensor_gap"]
 
-KERNEL_ENV = "ISM_EXT_KVCACHE_KERNEL"  # "1" (anything but unset, "" or "0"): run the dedicated CUDA kernel
 KERNEL_OP = "_attn_with_kvcache_cuda"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what csrc/cuda/static_switch.h compiles
 KERNEL_HEAD_DIMS = (64, 128)
@@ -30,8 +30,8 @@ _dispatch: Counter[str] = Counter()
 
 
 def kernel_requested() -> bool:
-    """True when ``ISM_EXT_KVCACHE_KERNEL`` asks for the dedicated kernel (read now)."""
-    return os.environ.get(KERNEL_ENV, "") not in ("", "0")
+    """True when the kernel configuration (``ism_ext.config``) asks for the dedicated kernel."""
+    return get_kernel_config().kvcache_kernel
 
 
 def kernel_registered() -> bool:
@@ -67,7 +67,7 @@ def kernel_tensor_gap(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def kernel_fallback_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """None when the dedicated kernel runs this call, else why the composite runs it instead."""
     if not kernel_requested():
-        return f"{KERNEL_ENV} is not set"
+        return "the kernel configuration has kvcache_kernel=False"
     if not kernel_registered():
         return "this build has no CUDA KV-cache kernel"
     gap = kernel_tensor_gap(q, k_cache, v_cache)
@@ -98,7 +98,7 @@ def attn_with_kvcache_cuda(
     block_table: torch.Tensor | None,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA implementation of ``ism::attn_with_kvcache``: the dedicated kernel when ``ISM_EXT_KVCACHE_KERNEL``
+    """The CUDA implementation of ``ism::attn_with_kvcache``: the dedicated kernel when the kernel configuration
     asks for it and covers the call (`kernel_fallback_reason`), else the composite of verified pieces.
 
     Both run the op's checks before anything is written (the kernel op runs them itself, on one host copy of the

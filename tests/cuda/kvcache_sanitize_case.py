@@ -6,7 +6,8 @@
 Small calls that still cover both tilings (decode's group tile, the rows tile of a new segment), split keys
 with the combine and unsplit ones, contiguous caches with and without cache_batch_idx and paged caches (page
 sizes 16 and 48), empty rows and an empty cache, both dtypes and head dims. Every call goes through the
-dedicated kernel (the script sets ISM_EXT_KVCACHE_KERNEL=1 and checks that no call fell back), and prints the
+dedicated kernel (the script sets kvcache_kernel=True in ism_ext.config and checks that no call fell back),
+and prints the
 largest error against the float64 reference, so a run under the sanitizer is also a check.
 """
 
@@ -16,14 +17,14 @@ import os
 import random
 import sys
 
-os.environ["ISM_EXT_KVCACHE_KERNEL"] = "1"
-
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reference import reference_attention  # noqa: E402
 
 import ism_ext  # noqa: E402
+
+ism_ext.config.set_kernel_config(kvcache_kernel=True)
 from ism_ext.ops import kvcache_dispatch  # noqa: E402
 
 # (batch, new rows, GQA group, longest cache, paged page size or None, cache_batch_idx)
