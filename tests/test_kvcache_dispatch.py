@@ -110,6 +110,31 @@ def test_cuda_entry_hands_covered_calls_to_the_kernel_op(monkeypatch):
 
 # ---- the combine of split keys ------------------------------------------------------------------------------
 
+
+def combine_partials(out_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's combine of split keys (csrc/cuda/kvcache_combine_kernel.cuh) in torch, in float32.
+
+    ``out_parts [splits, rows, d]``: each chunk's normalised output; ``lse_parts [splits, rows]``: its natural-log
+    log-sum-exp (-inf where the chunk saw no key of the row). Returns ``(out [rows, d], lse [rows])`` with
+    ``lse = log sum_c exp(lse_c)`` and ``out = sum_c exp(lse_c - lse) out_c``, in the kernel's one pass with a
+    running maximum; a row no chunk saw gets 0 and -inf.
+    """
+    rows, dim = out_parts.shape[1:]
+    top = torch.full((rows,), -torch.inf)
+    total = torch.zeros(rows)
+    acc = torch.zeros(rows, dim)
+    for out_c, lse_c in zip(out_parts.float(), lse_parts.float(), strict=True):
+        seen = lse_c != -torch.inf
+        nxt = torch.where(seen, torch.maximum(top, lse_c), top)
+        keep = torch.where(seen, torch.exp(top - nxt), 1.0)
+        weight = torch.where(seen, torch.exp(lse_c - nxt), 0.0)
+        acc = acc * keep[:, None] + weight[:, None] * torch.where(seen[:, None], out_c, 0.0)
+        total = total * keep + weight
+        top = nxt
+    inv = torch.where(total > 0, 1.0 / total, 0.0)
+    return acc * inv[:, None], torch.where(total > 0, top + torch.log(total), -torch.inf)
+
+
 def test_combine_of_chunks_equals_attention_over_whole_rows():
     gen = torch.Generator().manual_seed(3)
     rows, keys, d = 12, 300, 32
@@ -128,7 +153,7 @@ def test_combine_of_chunks_equals_attention_over_whole_rows():
         parts.append(reference_attention(q, k[c0:c1], v[c0:c1], lim_c, cu_q, cu_c, 0.2))
     out_parts = torch.stack([o[:, 0] for o, _ in parts])
     lse_parts = torch.stack([lse[0] for _, lse in parts])
-    out, lse = kc.combine_partials(out_parts.float(), lse_parts.float())
+    out, lse = combine_partials(out_parts.float(), lse_parts.float())
     assert_close_scaled(out, ref_out[:, 0], 1e-5, "out")
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse[0]))
     assert torch.all(out[0] == 0) and lse[0] == -math.inf
@@ -139,7 +164,7 @@ def test_combine_of_chunks_equals_attention_over_whole_rows():
 def test_combine_of_one_chunk_is_that_chunk():
     out = torch.randn(1, 5, 8)
     lse = torch.tensor([[0.5, -math.inf, 3.0, -2.0, 10.0]])
-    got_out, got_lse = kc.combine_partials(out, lse)
+    got_out, got_lse = combine_partials(out, lse)
     torch.testing.assert_close(got_lse, lse[0])
     torch.testing.assert_close(got_out[[0, 2, 3, 4]], out[0, [0, 2, 3, 4]])
     assert torch.all(got_out[1] == 0)

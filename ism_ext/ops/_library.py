@@ -16,6 +16,10 @@ NAMESPACE = "ism"
 
 # A paged KV cache's page size must be a multiple of this (the rule lives in csrc/kvcache_constants.h).
 PAGE_SIZE_MULTIPLE: int = _C.PAGE_SIZE_MULTIPLE
+# The dtypes and head dims the CUDA kernels are compiled for, every dtype with every head dim (the one list
+# is csrc/cuda/static_switch.h; every build exports it).
+CUDA_KERNEL_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in _C.CUDA_KERNEL_DTYPES)
+CUDA_KERNEL_HEAD_DIMS: tuple[int, ...] = tuple(_C.CUDA_KERNEL_HEAD_DIMS)
 
 
 def qualname(name: str) -> str:
