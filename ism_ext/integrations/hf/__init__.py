@@ -30,7 +30,14 @@ from .attention import (
     register,
 )
 from .cache import IsmCache
-from .generation import SUPPORTED_TRANSFORMERS, cache_argument_name, check_transformers_version, install, is_ism_model
+from .generation import (
+    CHECKED_TRANSFORMERS,
+    SUPPORTED_TRANSFORMERS,
+    cache_argument_name,
+    check_transformers_version,
+    install,
+    is_ism_model,
+)
 from .layout import PackedLayout, layout_tensors, packed_layout, query_block_ids
 from .patch import (
     APPLY_FUNCTIONS,
@@ -44,6 +51,7 @@ from .patch import (
 __all__ = [
     "APPLY_FUNCTIONS",
     "ATTN_IMPLEMENTATION",
+    "CHECKED_TRANSFORMERS",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_TRANSFORMERS",
     "IsmCache",
