@@ -182,17 +182,17 @@ def test_apply_to_a_loaded_model():
                   1e-5, "logits")
 
 
-def test_layout_is_built_once_per_forward(monkeypatch):
+def test_packing_is_built_once_per_forward(monkeypatch):
     calls = []
-    from ism_ext.integrations.hf import layout
+    from ism_ext.integrations.hf import packing
 
-    real = layout.packed_layout
+    real = packing.varlen_packing
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layout, "packed_layout", counting)
+    monkeypatch.setattr(packing, "varlen_packing", counting)
     cfg = tiny_config("llama")
     cfg.num_hidden_layers = 4
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism")
@@ -254,18 +254,18 @@ def test_training_loss_through_labels():
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-5
 
 
-def test_kv_limit_layout_matches_package_helper():
-    # The per-row layout of a plain unpadded batch is kv_limit_from_segment_ids row by row.
-    from ism_ext.integrations.hf import packed_layout
+def test_kv_limit_of_the_packing_matches_package_helper():
+    # The packing of a plain unpadded batch is kv_limit_from_segment_ids row by row.
+    from ism_ext.integrations.hf import varlen_packing
 
     ids = torch.tensor([[0, 0, -1, 1, 1, -1], [-1, 2, 2, 2, -1, -1]])
-    layout = packed_layout(2, 6, 6, block_sequence_ids=ids)
-    assert layout.cu_seqlens_q.tolist() == [0, 6, 12] and layout.cu_seqlens_k.tolist() == [0, 6, 12]
-    assert layout.kv_limit.tolist() == ism_ext.kv_limit_from_segment_ids(ids).reshape(-1).tolist()
+    packing = varlen_packing(2, 6, 6, block_sequence_ids=ids)
+    assert packing.cu_seqlens_q.tolist() == [0, 6, 12] and packing.cu_seqlens_k.tolist() == [0, 6, 12]
+    assert packing.kv_limit.tolist() == ism_ext.kv_limit_from_segment_ids(ids).reshape(-1).tolist()
 
 
 def test_compiled_fullgraph_equals_eager_logits_and_grads():
-    # Before: graph breaks on the ContextVar of the mask function and on .item() in the layout's checks.
+    # Before: graph breaks on the ContextVar of the mask function and on .item() in the packing's checks.
     torch._dynamo.reset()
     ours, _ = model_pair("llama")
     ids = segment_ids_for_turns([("system", 3), ("user", 5), ("assistant", 4), ("user", 3)], "ism")[None].long()

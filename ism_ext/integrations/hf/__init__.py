@@ -10,8 +10,8 @@ Importing this package registers the attention implementation ``"ism"`` in trans
 
 `block_sequence_ids` follows transformers' convention (-1 = causal token, a contiguous run of one
 id >= 0 = one bidirectional block). It travels with the forward's keyword arguments to every attention
-layer (`attention.py`), which turns it, the padding and the packing into one varlen layout per forward
-(`layout.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
+layer (`attention.py`), which turns it, the padding and the packing into one varlen packing per forward
+(`packing.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
 `model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`, which
 wraps two private `GenerationMixin` methods for ``"ism"`` models only, and says why). No module-level state
 carries anything from one call to the next: see `attention.py`.
@@ -38,7 +38,7 @@ from .generation import (
     install,
     is_ism_model,
 )
-from .layout import PackedLayout, layout_tensors, packed_layout, query_block_ids
+from .packing import VarlenPacking, query_block_ids, varlen_packing, varlen_packing_op
 from .patch import (
     APPLY_FUNCTIONS,
     apply_ism,
@@ -57,7 +57,7 @@ __all__ = [
     "IsmCache",
     "IsmMask",
     "NewRows",
-    "PackedLayout",
+    "VarlenPacking",
     "apply_ism",
     "cache_argument_name",
     "check_transformers_version",
@@ -69,8 +69,8 @@ __all__ = [
     "apply_ism_to_qwen3",
     "ism_attention_forward",
     "ism_mask_function",
-    "layout_tensors",
-    "packed_layout",
+    "varlen_packing_op",
+    "varlen_packing",
     "query_block_ids",
     "register",
 ]

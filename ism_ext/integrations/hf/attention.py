@@ -2,7 +2,7 @@
 
 The mask function runs once per forward and returns a small `IsmMask` (no `N x N` tensor). That object is
 what transformers hands every layer, so it carries what one forward shares: the first attention layer
-turns block ids, padding and packing into one `PackedLayout` (or, on the project's cache, plans the
+turns block ids, padding and packing into one `VarlenPacking` (or, on the project's cache, plans the
 append) and keeps it there, and every layer then makes one op call.
 
 Nothing else is shared: the block ids and positions come in the attention's ``**kwargs``, and the
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...ops import segment_attention
-from .layout import PackedLayout, layout_tensors
+from .packing import VarlenPacking, varlen_packing_op
 
 if TYPE_CHECKING:
     from .cache import IsmCache, _Step
@@ -54,20 +54,20 @@ class IsmMask:
     kv_length: int
     padding_mask: torch.Tensor | None  # 2-D [batch, kv_length], nonzero = token
     device: torch.device
-    _layout: PackedLayout | None = None  # built by the first layer of the forward that asks
+    _packing: VarlenPacking | None = None  # built by the first layer of the forward that asks
     _step: _Step | None = None  # the cache append of this forward, planned by its first layer
 
-    def layout(self, block_sequence_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> PackedLayout:
-        """The packed layout of this forward, computed by the first layer that asks and kept for the others.
+    def packing(self, block_sequence_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> VarlenPacking:
+        """The varlen packing of this forward, computed by the first layer that asks and kept for the others.
 
         Every layer of one forward receives the very same block ids and positions, so one slot is enough.
         """
-        if self._layout is None:
-            self._layout = layout_tensors(
+        if self._packing is None:
+            self._packing = varlen_packing_op(
                 self.batch_size, self.q_length, self.kv_length, attention_mask=self.padding_mask,
                 position_ids=position_ids, block_sequence_ids=block_sequence_ids, device=self.device,
             )
-        return self._layout
+        return self._packing
 
     def cache_step(self, cache: IsmCache, block_sequence_ids: torch.Tensor | None, num_layers: int) -> _Step:
         """What this forward appends to ``cache``, planned (and checked) by the first layer that asks."""
@@ -167,16 +167,16 @@ def ism_attention_forward(
     if cache is not None:  # the project's cache: append and attend in one op call
         step = mask.cache_step(cache, kwargs.get("block_sequence_ids"), module.config.num_hidden_layers)
         return cache.attend(module.layer_idx, step, query, key, value, scaling), None
-    layout = mask.layout(kwargs.get("block_sequence_ids"), kwargs.get("position_ids"))
+    packing = mask.packing(kwargs.get("block_sequence_ids"), kwargs.get("position_ids"))
 
     # [B, H, S, D] -> packed [B * S, H, D]; the copies are O(N), like the transposes of other backends.
     q = query.transpose(1, 2).reshape(batch * q_len, heads_q, head_dim)
     k = key.transpose(1, 2).reshape(batch * kv_len, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(batch * kv_len, value.shape[1], head_dim)
     out = segment_attention(
-        q, k, v, layout.kv_limit,
-        cu_seqlens_q=layout.cu_seqlens_q, cu_seqlens_k=layout.cu_seqlens_k,
-        max_seqlen_q=layout.max_seqlen_q, max_seqlen_k=layout.max_seqlen_k, softmax_scale=scaling,
+        q, k, v, packing.kv_limit,
+        cu_seqlens_q=packing.cu_seqlens_q, cu_seqlens_k=packing.cu_seqlens_k,
+        max_seqlen_q=packing.max_seqlen_q, max_seqlen_k=packing.max_seqlen_k, softmax_scale=scaling,
     )
     return out.view(batch, q_len, heads_q, head_dim), None
 

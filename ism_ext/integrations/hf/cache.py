@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ...cache import KVCache
 from ...masks import kv_limit_from_segment_ids
 from .attention import NewRows
-from .layout import query_block_ids
+from .packing import query_block_ids
 
 __all__ = ["IsmCache"]
 
@@ -286,7 +286,7 @@ class IsmCache(Cache):
     def attend(self, layer_idx: int, step: _Step, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                softmax_scale: float | None) -> torch.Tensor:
         """Appends this layer's new keys/values and attends its queries: ``[B, H, q_len, D]`` in (transformers'
-        layout), ``[B, q_len, Hq, D]`` out; padding queries get 0."""
+        order), ``[B, q_len, Hq, D]`` out; padding queries get 0."""
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, q_len, H, D] views, no copy
         if step.dense:
             out = self.kv.append_and_attend(layer_idx, q, k, v, kv_limit=step.groups[0].kv_limit,

@@ -6,8 +6,8 @@ implementation is ``"ism"`` — and for no other — two methods of `GenerationM
 
 * `_validate_model_kwargs` lets ``block_sequence_ids`` through. `generate` then hands the prompt's ids to
   every step; `_prepare_cache_for_generation` checks that they cover the prompt and marks them as a
-  `PromptBlockIds`, which the attention reads as the prompt's layout, every later (generated) position
-  causal (`layout.query_block_ids`).
+  `PromptBlockIds`, which the attention reads as the prompt's block ids, every later (generated) position
+  causal (`packing.query_block_ids`).
 * `_prepare_cache_for_generation` makes an `IsmCache` sized for the prompt plus ``max_new_tokens`` when
   the caller gave no cache and asked for no other (``cache_implementation``); beam search and several
   sequences per prompt keep transformers' `DynamicCache`, which the ``"ism"`` attention also serves.
@@ -34,7 +34,7 @@ import torch
 
 from .attention import ATTN_IMPLEMENTATION
 from .cache import IsmCache
-from .layout import PromptBlockIds
+from .packing import PromptBlockIds
 
 __all__ = ["CHECKED_TRANSFORMERS", "SUPPORTED_TRANSFORMERS", "cache_argument_name", "check_transformers_version",
            "install", "is_ism_model"]

@@ -1,4 +1,8 @@
-"""From a transformers forward call's inputs to the packed layout of `segment_attention`.
+"""From a transformers forward call's inputs to the varlen packing of `segment_attention`.
+
+Words: a *layout* is what a chat-turn scheme makes of a dialogue (segment ids, docs/layouts.md); a
+*packing* is how one forward's `[B, S]` grid becomes varlen sequences (`cu_seqlens` + `kv_limit`), this
+module; how a tensor lies in memory is its *strides*.
 
 A Hugging Face batch is a `[B, S]` grid with three ways of marking what belongs together:
   * `attention_mask` `[B, kv_len]` (1 = token, 0 = padding, left or right),
@@ -11,8 +15,8 @@ become sequences of their own whose queries see nothing (`kv_limit = 0`).
 With a KV cache the keys are `kv_len >= q_len` positions per row and the queries are the last `q_len`
 of them; packing is then not detected (as in transformers, which only detects it without a cache).
 
-The layout is data-dependent (how many sequences, where they start) and its checks read host values, so
-the attention asks for it through one opaque op, `ism_hf::varlen_layout` (`layout_tensors`): under
+The packing is data-dependent (how many sequences, where they start) and its checks read host values, so
+the attention asks for it through one opaque op, `ism_hf::varlen_packing` (`varlen_packing_op`): under
 `torch.compile(fullgraph=True)` the graph calls that op once per forward instead of breaking on the
 `.item()` calls inside, and the number of sequences is an unbacked size there. The longest-sequence hints
 are the row lengths (`q_len`, `kv_len`): a valid upper bound known without reading the offsets.
@@ -28,8 +32,8 @@ from ...masks import kv_limit_from_segment_ids
 
 
 @dataclass
-class PackedLayout:
-    """Varlen layout of one forward call; shared by every attention layer of that call."""
+class VarlenPacking:
+    """Varlen packing of one forward call; shared by every attention layer of that call."""
 
     cu_seqlens_q: torch.Tensor  # int32 [n_seq + 1] over the B * q_len flattened queries
     cu_seqlens_k: torch.Tensor  # int32 [n_seq + 1] over the B * kv_len flattened keys
@@ -111,7 +115,7 @@ def query_block_ids(block_sequence_ids: torch.Tensor | PromptBlockIds | None, ba
     return ids[:, kv_len - q_len :]
 
 
-def packed_layout(
+def varlen_packing(
     batch: int,
     q_len: int,
     kv_len: int,
@@ -120,8 +124,8 @@ def packed_layout(
     position_ids: torch.Tensor | None = None,
     block_sequence_ids: torch.Tensor | PromptBlockIds | None = None,
     device: torch.device | str = "cpu",
-) -> PackedLayout:
-    """Builds the varlen layout of a `[batch, q_len]` query grid over a `[batch, kv_len]` key grid.
+) -> VarlenPacking:
+    """Builds the varlen packing of a `[batch, q_len]` query grid over a `[batch, kv_len]` key grid.
 
     Args:
         batch, q_len, kv_len: grid sizes; the queries of a row are its last `q_len` key positions.
@@ -132,10 +136,10 @@ def packed_layout(
         block_sequence_ids: optional `[batch, L]` ids (-1 causal, a run of one id >= 0 = one bidirectional
             block) of the queries, of all key positions, or of the first `L` positions (see `query_block_ids`).
             Missing means all causal.
-        device: where the layout tensors live.
+        device: where the packing tensors live.
 
     Returns:
-        The `PackedLayout`. Raises ValueError for shapes that do not fit the grid, and (from
+        The `VarlenPacking`. Raises ValueError for shapes that do not fit the grid, and (from
         `kv_limit_from_segment_ids`) for a block id reused after a gap.
     """
     if q_len > kv_len:
@@ -169,33 +173,33 @@ def packed_layout(
     # Padding queries see nothing: output 0, and no gradient flows from them.
     limit = torch.where(real.reshape(-1)[q_key_index], limit, torch.zeros_like(limit))
 
-    return PackedLayout(cu_q.to(torch.int32), cu_k.to(torch.int32), limit.to(torch.int32), q_len, kv_len)
+    return VarlenPacking(cu_q.to(torch.int32), cu_k.to(torch.int32), limit.to(torch.int32), q_len, kv_len)
 
 
-@torch.library.custom_op("ism_hf::varlen_layout", mutates_args=())
-def _varlen_layout_op(batch: int, q_len: int, kv_len: int, attention_mask: torch.Tensor | None,
+@torch.library.custom_op("ism_hf::varlen_packing", mutates_args=())
+def _varlen_packing_op(batch: int, q_len: int, kv_len: int, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None, block_sequence_ids: torch.Tensor | None, prompt_ids: bool,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = PromptBlockIds(block_sequence_ids) if prompt_ids else block_sequence_ids
-    layout = packed_layout(batch, q_len, kv_len, attention_mask=attention_mask, position_ids=position_ids,
+    packing = varlen_packing(batch, q_len, kv_len, attention_mask=attention_mask, position_ids=position_ids,
                            block_sequence_ids=ids, device=device)
-    return layout.cu_seqlens_q, layout.cu_seqlens_k, layout.kv_limit
+    return packing.cu_seqlens_q, packing.cu_seqlens_k, packing.kv_limit
 
 
-@_varlen_layout_op.register_fake
-def _varlen_layout_fake(batch, q_len, kv_len, attention_mask, position_ids, block_sequence_ids, prompt_ids, device):
+@_varlen_packing_op.register_fake
+def _varlen_packing_fake(batch, q_len, kv_len, attention_mask, position_ids, block_sequence_ids, prompt_ids, device):
     n_bounds = torch.library.get_ctx().new_dynamic_size(min=1)  # sequences + 1: known only when it runs
     cu = torch.empty(n_bounds, dtype=torch.int32, device=device)
     return cu, cu.clone(), torch.empty(batch * q_len, dtype=torch.int32, device=device)
 
 
-def layout_tensors(batch: int, q_len: int, kv_len: int, *, attention_mask: torch.Tensor | None,
+def varlen_packing_op(batch: int, q_len: int, kv_len: int, *, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor | None, block_sequence_ids: torch.Tensor | PromptBlockIds | None,
-                   device: torch.device) -> PackedLayout:
-    """`packed_layout` through the opaque op `ism_hf::varlen_layout`: what the attention calls, so that a compiled
-    model keeps the layout's host-side work and checks out of its graph (see the module docstring)."""
+                   device: torch.device) -> VarlenPacking:
+    """`varlen_packing` through the opaque op `ism_hf::varlen_packing`: what the attention calls, so that a compiled
+    model keeps the packing's host-side work and checks out of its graph (see the module docstring)."""
     prompt = isinstance(block_sequence_ids, PromptBlockIds)
     ids = block_sequence_ids.ids if prompt else block_sequence_ids
-    cu_q, cu_k, kv_limit = _varlen_layout_op(batch, q_len, kv_len, attention_mask, position_ids, ids, prompt,
+    cu_q, cu_k, kv_limit = _varlen_packing_op(batch, q_len, kv_len, attention_mask, position_ids, ids, prompt,
                                              torch.device(device))
-    return PackedLayout(cu_q, cu_k, kv_limit, q_len, kv_len)
+    return VarlenPacking(cu_q, cu_k, kv_limit, q_len, kv_len)
