@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 import torch
+from cuda_utils import count_dispatch
 from reference import assert_close_scaled, reference_attention
 
 from ism_ext import config
@@ -88,9 +89,9 @@ def test_cuda_entry_falls_back_to_the_composite_with_the_ops_results(monkeypatch
     args = _tensors()
     q, k_cache, v_cache, k_new, v_new, lens, lim = args
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    before = kc.dispatch_counts()
+    counts = count_dispatch(monkeypatch.setattr)
     out, lse = kc.attn_with_kvcache_cuda(q, k_cache, v_cache, k_new, v_new, lens, lim, None, None, 0.125)
-    assert kc.dispatch_counts() == {**before, "composite": before["composite"] + 1}
+    assert counts == {"kernel": 0, "composite": 1}
     ref_out, ref_lse = torch.ops.ism.attn_with_kvcache(q, k_ref, v_ref, k_new, v_new, lens, lim, None, None, 0.125)
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
@@ -102,10 +103,10 @@ def test_cuda_entry_hands_covered_calls_to_the_kernel_op(monkeypatch):
     monkeypatch.setattr(kc, "kernel_fallback_reason", lambda *a: None)
     monkeypatch.setattr(kc, "op", lambda name: (lambda *a: calls.append((name, a)) or ("out", "lse")))
     args = _tensors()
-    before = kc.dispatch_counts()
+    counts = count_dispatch(monkeypatch.setattr)
     assert kc.attn_with_kvcache_cuda(*args, None, None, 0.5) == ("out", "lse")
     assert [name for name, _ in calls] == [kc.KERNEL_OP] and calls[0][1] == (*args, None, None, 0.5)
-    assert kc.dispatch_counts()["kernel"] == before["kernel"] + 1
+    assert counts == {"kernel": 1, "composite": 0}
 
 
 # ---- the combine of split keys ------------------------------------------------------------------------------

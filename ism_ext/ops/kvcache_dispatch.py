@@ -9,21 +9,18 @@ call is one it covers (`kernel_fallback_reason`), and the composite of verified 
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from ..config import get_kernel_config
 from ._library import CUDA_KERNEL_DTYPES, CUDA_KERNEL_HEAD_DIMS, op
 from .kvcache_composite import attn_with_kvcache_composite
 
-__all__ = ["KERNEL_OP", "attn_with_kvcache_cuda", "dispatch_counts",
+__all__ = ["KERNEL_OP", "attn_with_kvcache_cuda",
            "kernel_fallback_reason", "kernel_registered", "kernel_requested", "kernel_tensor_gap"]
 
 KERNEL_OP = "_attn_with_kvcache_cuda"
 KERNEL_MIN_CAPABILITY = (8, 0)
 
-_dispatch: Counter[str] = Counter()
 
 
 def kernel_requested() -> bool:
@@ -75,11 +72,6 @@ def kernel_fallback_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return None
 
 
-def dispatch_counts() -> dict[str, int]:
-    """How many calls of `attn_with_kvcache_cuda` in this process ran the ``"kernel"`` and the ``"composite"``."""
-    return {"kernel": _dispatch["kernel"], "composite": _dispatch["composite"]}
-
-
 def attn_with_kvcache_cuda(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -100,7 +92,5 @@ def attn_with_kvcache_cuda(
     """
     args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx, block_table, softmax_scale)
     if kernel_fallback_reason(q, k_cache, v_cache) is None:
-        _dispatch["kernel"] += 1
         return op(KERNEL_OP)(*args)
-    _dispatch["composite"] += 1
     return attn_with_kvcache_composite(*args)
