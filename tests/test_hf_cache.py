@@ -252,3 +252,16 @@ def test_generate_refuses_block_ids_shorter_than_the_prompt():
         ours.generate(tokens, block_sequence_ids=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"block_sequence_ids has 4 positions per row but the input has 6 tokens"):
         ours(tokens, block_sequence_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_attention_on_the_cache_needs_the_forwards_mask_object():
+    # Without the one mask object of the forward, every layer would plan the append again.
+    ours, _ = tiny_models()
+    cache = IsmCache.for_model(ours, 1, 16)
+    attention = ours.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="needs the mask object"):
+        ism_hf.ism_attention_forward(attention, q, key, value, None)
+    assert cache.get_seq_length() == 0 and cache.kv.lengths(0) == [0]

@@ -126,6 +126,10 @@ def _forward_mask(attention_mask: IsmMask | torch.Tensor | None, query: torch.Te
                   on_cache: bool) -> IsmMask:
     """The forward's `IsmMask`, checked against the attention inputs (sizes derived from them when absent)."""
     q_len, kv_in = query.shape[2], key.shape[2]
+    if attention_mask is None and on_cache:
+        # The forward's one IsmMask is where the cache append is planned once for every layer.
+        raise ValueError("the ism attention on an IsmCache needs the mask object of the \"ism\" mask interface "
+                         "(attention_mask=None reached it: call the model, not the attention function directly)")
     if attention_mask is None:  # a caller that skipped mask creation
         return IsmMask(query.shape[0], q_len, kv_in, None, query.device)
     if not isinstance(attention_mask, IsmMask):
