@@ -16,8 +16,8 @@ Why patch at all: in transformers 5.23 (the pinned release, the one these wrappe
 `_validate_model_kwargs` accepts a keyword only if the model's `forward` names it (``block_sequence_ids`` is
 not in the `forward` of Llama/Qwen2/Qwen3/Mistral, nor in `TransformersKwargs`), and
 `_prepare_cache_for_generation` has no hook for a cache class of the model's choosing. `install` checks the
-installed version against `SUPPORTED_TRANSFORMERS` and the two methods' signatures, and refuses (ImportError)
-rather than patch methods it does not know.
+installed version (ImportError outside `SUPPORTED_TRANSFORMERS`, a warning outside `CHECKED_TRANSFORMERS`) and
+the two methods' signatures, and refuses (ImportError) rather than patch methods it does not know.
 
 `install` is idempotent and runs when `ism_ext.integrations.hf` is imported.
 """
