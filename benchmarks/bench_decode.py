@@ -10,7 +10,7 @@ copy bandwidth (bytes read + written by `Tensor.copy_` of a large buffer / time)
 to compare with. impls:
   ism          attn_with_kvcache as it runs by default (CPU: the CPU kernel; CUDA: the composite of verified
                pieces, an indexed copy of the new rows then the prefill kernel)
-  ism_kernel   CUDA only: the dedicated kernel (ISM_EXT_KVCACHE_KERNEL=1: append and attention in one launch,
+  ism_kernel   CUDA only: the dedicated kernel (ism_ext.config kvcache_kernel=True: append and attention in one launch,
                keys split over thread blocks when the batch cannot fill the GPU). Its records also carry
                kernel_ms / kernel_gbps: the device time of its kernels alone (torch.profiler), without the
                host's per-call work (the checks copy the index tensors to the host, one sync per call)
@@ -31,9 +31,7 @@ and >= 1.5x SDPA) against the measured figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,26 +41,12 @@ from common import environment, median_ms, write_records
 from tqdm import tqdm
 
 import ism_ext
+from ism_ext.config import kernel_config
 from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
 from ism_ext.ops import attn_with_kvcache
-from ism_ext.ops.kvcache_dispatch import KERNEL_ENV
 
 CPU_IMPLS = ("ism", "sdpa")
 GPU_IMPLS = ("ism", "ism_kernel", "sdpa", "flex")
-
-
-@contextlib.contextmanager
-def kernel_switch(on: bool):
-    """ISM_EXT_KVCACHE_KERNEL for the calls inside (the op reads it at every call)."""
-    old = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(KERNEL_ENV, None)
-        else:
-            os.environ[KERNEL_ENV] = old
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int) -> float:
@@ -107,7 +91,7 @@ def flex_decode(q, k_cache, v_cache, lens):
 
 
 def time_impl(impl: str, fn: Callable[[], Any], args, *, warmup: int) -> float:
-    with kernel_switch(impl == "ism_kernel"):
+    with kernel_config(kvcache_kernel=impl == "ism_kernel"):
         return median_ms(fn, args.repeats, warmup=warmup, device=args.device)
 
 
@@ -142,7 +126,7 @@ def decode_records(batch: int, cache: int, args, copy_gbps: float, env) -> list[
                    head_dim=d, heads_q=hq, heads_kv=hkv, ms_median=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9,
                    copy_gbps=copy_gbps, **env)
         if impl == "ism_kernel":
-            with kernel_switch(True):
+            with kernel_config(kvcache_kernel=True):
                 kms = kernel_device_ms(fn, args.repeats)
             if kms is not None:
                 rec.update(kernel_ms=kms, kernel_gbps=kv_bytes / (kms * 1e-3) / 1e9)

@@ -13,7 +13,7 @@ Layouts (one per sequence, every sequence of the batch the same):
 Impls:
   ism          torch.ops.ism.segment_attn_fwd on the packed batch (max_seqlen given: no sync), the
                default kernel (FA2-class, sm_80)
-  ism_hopper   the same with ISM_EXT_HOPPER_FWD=1: the Hopper forward kernel (TMA, wgmma,
+  ism_hopper   the same with ism_ext.config hopper_fwd=True: the Hopper forward kernel (TMA, wgmma,
                warp-specialised); forward only (the backward is the same as ism's); an error record
                where the build or the GPU has no Hopper kernel
   sdpa_cudnn   SDPA with is_causal=True on the cuDNN backend (FA3 class on Hopper): the speed to reach
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -56,13 +55,13 @@ from common import FLOP_FACTOR, attention_flops, environment, layout_kv_limit, m
 from tqdm import tqdm
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
+from ism_ext.config import kernel_config
 from ism_ext.masks import dense_mask, kv_limit_for_turns
 
 IMPLS = ["ism", "ism_hopper", "sdpa_cudnn", "sdpa_causal", "flex", "sdpa_dense"]
 MINE = ["ism", "ism_hopper"]
 BASELINES = ["sdpa_cudnn", "sdpa_causal", "flex"]
 BENCHES = list(FLOP_FACTOR)
-HOPPER_FWD_ENV = "ISM_EXT_HOPPER_FWD"
 
 
 def matmul_ceiling_tflops(size: int = 8192, repeats: int = 10) -> float:
@@ -122,19 +121,10 @@ def make_impl(impl: str, kv_limit: torch.Tensor, batch: int, tokens: int, scale:
 
         def fn(q, k, v):
             b, n, h, d = q.shape
-            # The switch is read at every call: set for this call only, so that "ism" keeps the default.
-            previous = os.environ.get(HOPPER_FWD_ENV)
-            if hopper:
-                os.environ[HOPPER_FWD_ENV] = "1"
-            try:
+            # The kernel choice for this call only, so that "ism" keeps the default.
+            with kernel_config(hopper_fwd=hopper):
                 out, _ = op(q.view(b * n, h, d), k.view(b * n, -1, d), v.view(b * n, -1, d), lim, cu, cu, n, n,
                             scale)
-            finally:
-                if hopper:
-                    if previous is None:
-                        os.environ.pop(HOPPER_FWD_ENV, None)
-                    else:
-                        os.environ[HOPPER_FWD_ENV] = previous
             return out.view(b, n, h, d)
 
         return fn, 0.0, kv_limit

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh build test                        # build and the CUDA tests only
 #   bash benchmarks/gpu_suite.sh build small_tiles                 # the small-tile backward only
 #   bash benchmarks/gpu_suite.sh build kvcache hf_gpu decode_bench # the KV-cache kernel, HF on GPU, decode bench
-#   CUTLASS_INCLUDE_DIR=... bash benchmarks/gpu_suite.sh build hopper  # the sm_90a forward (ISM_EXT_HOPPER_FWD)
+#   CUTLASS_INCLUDE_DIR=... bash benchmarks/gpu_suite.sh build hopper  # the sm_90a forward (ism_ext.config hopper_fwd)
 #   bash benchmarks/gpu_suite.sh build profile ncu                 # where the backward's time goes
 # Steps: build (setup.py build_ext --inplace, -Xptxas -v report in build.log), test (the CUDA test
 # files, the KV-cache composite path included), sanitize (compute-sanitizer memcheck and racecheck on
@@ -65,7 +65,7 @@ for what in "$@"; do
       ;;
     kvcache)
       step kvcache
-      # The kernel tests set ISM_EXT_KVCACHE_KERNEL themselves (the composite tests must not see it).
+      # The kernel tests choose kvcache_kernel through ism_ext.config themselves (the composite tests keep the default).
       timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest -q --tb=short --maxfail=20 tests/test_kvcache_cuda.py -k kernel \
         tests/test_kvcache_dispatch.py 2>&1 | tee "$OUT/kvcache_test.log" | tail -30
       [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -1,8 +1,8 @@
 // The `torch.ops.ism` library: op schemas and their CPU implementations.
 //
 // Schemas live here, in C++, so every backend registers against the same definition; the fake
-// (meta) kernels and autograd formulas are registered from Python (ism_ext/_ops.py), following
-// pytorch/extension-cpp.
+// (meta) kernels and autograd formulas are registered from Python (ism_ext/ops/segment_attention.py,
+// ism_ext/ops/kvcache_attention.py), following pytorch/extension-cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -12,9 +12,6 @@ from reference import Case, make_case
 
 DEV = "cuda"
 
-# Set to "1", it makes the CUDA backward run its small dK/dV tiles (csrc/cuda/bwd_tiles_choice.h),
-# on any GPU; read at every backward call.
-SMALL_TILES_ENV = "ISM_EXT_BWD_SMALL_TILES"
 
 
 def has_cuda_kernel(op: str) -> bool:
@@ -75,3 +72,32 @@ def random_varlen_case(rng: random.Random, dtypes: list[torch.dtype], schemes: l
     group = rng.choice([1, 2, 4, 8])
     return make_case(seqlens_q, seqlens_k, heads_q=8, heads_kv=8 // group, head_dim=rng.choice([64, 128]),
                      dtype=rng.choice(dtypes), limits=rng.choice(schemes), seed=seed)
+
+
+def count_dispatch(set_attr) -> dict[str, int]:
+    """Counts, from now on, where `kvcache_dispatch.attn_with_kvcache_cuda` sends each call ("kernel" or
+    "composite"), by wrapping its two targets with ``set_attr(module, name, value)`` (`monkeypatch.setattr` in a
+    test, so the wrappers go away after it). Returns the live counts."""
+    from ism_ext.ops import kvcache_dispatch as kc
+
+    counts = {"kernel": 0, "composite": 0}
+    composite, op = kc.attn_with_kvcache_composite, kc.op
+
+    def counted_composite(*args):
+        counts["composite"] += 1
+        return composite(*args)
+
+    def counted_op(name):
+        target = op(name)
+        if name != kc.KERNEL_OP:
+            return target
+
+        def kernel(*args):
+            counts["kernel"] += 1
+            return target(*args)
+
+        return kernel
+
+    set_attr(kc, "attn_with_kvcache_composite", counted_composite)
+    set_attr(kc, "op", counted_op)
+    return counts

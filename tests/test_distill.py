@@ -113,8 +113,10 @@ def test_distill_command_end_to_end(tiny, tmp_path):
     assert (out / "teacher_train.jsonl").read_text() == teacher
     resumed = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     assert resumed[:8] == log and len(resumed) == 10
-    assert (export / "adapter_model.safetensors").is_file() and "python -m ism_ext distill" in (
-        export / "README.md").read_text()
+    readme = (export / "README.md").read_text()
+    assert (export / "adapter_model.safetensors").is_file() and "python -m ism_ext distill" in readme
+    # The README names the model and the scheme it was made with, not SmolLM2 and ISM whatever they were.
+    assert readme.startswith(f"# {folder} adapted to the ism layout") and "SmolLM2" not in readme
     assert json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
     merged, _ = load_chat_model(str(folder), adapter=export)
     base, _ = load_chat_model(str(folder))

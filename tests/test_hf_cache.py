@@ -218,3 +218,50 @@ def test_apply_ism_models_also_generate_with_blocks():
     out = model.generate(torch.tensor([[4, 5, 6]]), block_sequence_ids=torch.tensor([[0, 0, 0]]), max_new_tokens=3,
                          min_new_tokens=3, return_dict_in_generate=True)
     assert isinstance(getattr(out, "cache", None) or out.past_key_values, IsmCache)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_an_exception_mid_forward_rolls_the_cache_back(paged, monkeypatch):
+    # Before: layer 0 kept its appended rows, layers 1 and 2 did not (lengths 10 and 6), and the next call failed
+    # with a misleading kv_limit message.
+    ours, stock = tiny_models(seed=6, layers=3)
+    cache = IsmCache.for_model(ours, 1, 48, page_size=16 if paged else None)
+    history, history_ids = [5, 6, 7, 8, 9, 10], [0] * 6
+    forward(ours, cache, history, history_ids)
+    before = _state(cache)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("layer 1 broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ours.model.layers[1].mlp, "forward", broken)
+        with pytest.raises(RuntimeError, match="layer 1 broke"):
+            forward(ours, cache, [11, 12, 13, 14], [1, 1, 1, 1])
+    assert cache.get_seq_length() == 6
+    assert [cache.kv.lengths(i) for i in range(cache.kv.num_layers)] == before[2]
+    # The same call again now works and equals the float64 recompute of the whole history.
+    got = forward(ours, cache, [11, 12, 13, 14], [1, 1, 1, 1])
+    ref = reference_logits(stock, history + [11, 12, 13, 14], history_ids + [1] * 4)
+    assert (got.double() - ref[6:]).abs().max() < 2e-4
+
+
+def test_generate_refuses_block_ids_shorter_than_the_prompt():
+    ours, _ = tiny_models()
+    tokens = torch.randint(2, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match=r"block_sequence_ids has 4 positions per row but the prompt .* has 6 tokens"):
+        ours.generate(tokens, block_sequence_ids=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"block_sequence_ids has 4 positions per row but the input has 6 tokens"):
+        ours(tokens, block_sequence_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_attention_on_the_cache_needs_the_forwards_mask_object():
+    # Without the one mask object of the forward, every layer would plan the append again.
+    ours, _ = tiny_models()
+    cache = IsmCache.for_model(ours, 1, 16)
+    attention = ours.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="needs the mask object"):
+        ism_hf.ism_attention_forward(attention, q, key, value, None)
+    assert cache.get_seq_length() == 0 and cache.kv.lengths(0) == [0]

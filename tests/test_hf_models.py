@@ -182,17 +182,17 @@ def test_apply_to_a_loaded_model():
                   1e-5, "logits")
 
 
-def test_layout_is_built_once_per_forward(monkeypatch):
+def test_packing_is_built_once_per_forward(monkeypatch):
     calls = []
-    from ism_ext.integrations.hf import attention
+    from ism_ext.integrations.hf import packing
 
-    real = attention.packed_layout
+    real = packing.varlen_packing
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "packed_layout", counting)
+    monkeypatch.setattr(packing, "varlen_packing", counting)
     cfg = tiny_config("llama")
     cfg.num_hidden_layers = 4
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="ism")
@@ -234,10 +234,9 @@ def test_misuse_gives_clear_errors():
         ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1, 0, -1, -1, -1, -1]]))
     with pytest.raises(ValueError, match="block_sequence_ids must have shape"):
         ours(tokens, block_sequence_ids=torch.zeros(1, 9, dtype=torch.long))  # longer than the row
-    # Shorter ids cover the first positions; the rest is causal, as transformers pads them.
-    short = ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1]])).logits
-    padded = ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1, -1, -1, -1, -1, -1]])).logits
-    assert torch.equal(short, padded)
+    # Ids shorter than the input would leave its last tokens causal without a word: refused, both lengths named.
+    with pytest.raises(ValueError, match=r"block_sequence_ids has 3 positions per row but the input has 8 tokens"):
+        ours(tokens, block_sequence_ids=torch.tensor([[0, 0, -1]]))
     cfg = tiny_config("llama")
     cfg.attention_dropout = 0.1
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
@@ -255,11 +254,41 @@ def test_training_loss_through_labels():
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-5
 
 
-def test_kv_limit_layout_matches_package_helper():
-    # The per-row layout of a plain unpadded batch is kv_limit_from_segment_ids row by row.
-    from ism_ext.integrations.hf import packed_layout
+def test_kv_limit_of_the_packing_matches_package_helper():
+    # The packing of a plain unpadded batch is kv_limit_from_segment_ids row by row.
+    from ism_ext.integrations.hf import varlen_packing
 
     ids = torch.tensor([[0, 0, -1, 1, 1, -1], [-1, 2, 2, 2, -1, -1]])
-    layout = packed_layout(2, 6, 6, block_sequence_ids=ids)
-    assert layout.cu_seqlens_q.tolist() == [0, 6, 12] and layout.cu_seqlens_k.tolist() == [0, 6, 12]
-    assert layout.kv_limit.tolist() == ism_ext.kv_limit_from_segment_ids(ids).reshape(-1).tolist()
+    packing = varlen_packing(2, 6, 6, block_sequence_ids=ids)
+    assert packing.cu_seqlens_q.tolist() == [0, 6, 12] and packing.cu_seqlens_k.tolist() == [0, 6, 12]
+    assert packing.kv_limit.tolist() == ism_ext.kv_limit_from_segment_ids(ids).reshape(-1).tolist()
+
+
+def test_compiled_fullgraph_equals_eager_logits_and_grads():
+    # Before: graph breaks on the ContextVar of the mask function and on .item() in the packing's checks.
+    torch._dynamo.reset()
+    ours, _ = model_pair("llama")
+    ids = segment_ids_for_turns([("system", 3), ("user", 5), ("assistant", 4), ("user", 3)], "ism")[None].long()
+    tokens = torch.randint(0, VOCAB, ids.shape, generator=torch.Generator().manual_seed(5))
+    eager = ours(tokens, block_sequence_ids=ids, labels=tokens)
+    eager.loss.backward()
+    eager_grads = _grads(ours)
+    ours.zero_grad()
+    compiled = torch.compile(ours, fullgraph=True)(tokens, block_sequence_ids=ids, labels=tokens)
+    compiled.loss.backward()
+    _assert_close(compiled.logits, eager.logits, 1e-5, "compiled logits")
+    for name, grad in _grads(ours).items():
+        _assert_close(grad, eager_grads[name], 1e-4, f"compiled grad of {name}")
+
+
+def test_transformers_version_is_checked():
+    import warnings
+
+    with pytest.raises(ImportError, match="needs transformers >=5.0,<6, found 4.46.0"):
+        ism_hf.check_transformers_version("4.46.0")
+    with pytest.warns(UserWarning, match="checked with transformers >=5.23,<5.24, found 5.22.0"):
+        ism_hf.check_transformers_version("5.22.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ism_hf.check_transformers_version("5.23.0")
+        ism_hf.check_transformers_version()  # the installed (pinned) release

@@ -1,4 +1,4 @@
-"""The switch and the dispatch of the Hopper forward kernel (ISM_EXT_HOPPER_FWD), on a GPU.
+"""The switch and the dispatch of the Hopper forward kernel (ism_ext.config hopper_fwd), on a GPU.
 
 The kernel's numbers are tested by the whole forward matrix of test_segment_attention_cuda.py, which
 runs every test a second time with the kernel forced; here: the switch is read at every call and the
@@ -14,9 +14,10 @@ import pytest
 import torch
 from cuda_utils import DEV, cuda_marks
 from reference import make_case, reference_attention
-from test_segment_attention_cuda import HOPPER_FWD_ENV, TOL, hopper_fwd_available
+from test_segment_attention_cuda import TOL, hopper_fwd_available
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
+from ism_ext.config import set_kernel_config
 
 pytestmark = cuda_marks("segment_attn_fwd")
 
@@ -32,19 +33,15 @@ def _call(case, **kwargs):
     return torch.ops.ism.segment_attn_fwd(*args, None, None, case.softmax_scale, **kwargs)
 
 
-def test_switch_is_read_at_every_call_and_off_by_default(monkeypatch):
+def test_switch_is_read_at_every_call_and_off_by_default():
     _needs_hopper()
     case = make_case([300, 70], heads_q=4, heads_kv=2, head_dim=128, dtype=torch.bfloat16, limits="ism", seed=1)
     launches = torch.ops.ism._cuda_hopper_fwd_launches
-    monkeypatch.delenv(HOPPER_FWD_ENV, raising=False)
+    set_kernel_config(hopper_fwd=False)
     before = launches()
     default = _call(case)
     assert launches() == before
-    for value in ("", "0"):
-        monkeypatch.setenv(HOPPER_FWD_ENV, value)
-        _call(case)
-        assert launches() == before
-    monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+    set_kernel_config(hopper_fwd=True)
     hopper = _call(case)
     torch.cuda.synchronize()
     assert launches() == before + 1
@@ -60,15 +57,15 @@ def test_forced_kernel_that_cannot_run_raises(monkeypatch):
     available, _ = hopper_fwd_available()
     if available:
         pytest.skip("this build and device run the Hopper kernel")
-    monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+    set_kernel_config(hopper_fwd=True)
     case = make_case([40], heads_q=2, head_dim=64, dtype=torch.bfloat16, limits="causal")
-    with pytest.raises(RuntimeError, match=HOPPER_FWD_ENV):
+    with pytest.raises(RuntimeError, match="hopper_fwd=True"):
         _call(case)
 
 
 def test_no_keys_at_all_runs_the_default_kernel(monkeypatch):
     _needs_hopper()
-    monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+    set_kernel_config(hopper_fwd=True)
     case = make_case([5, 9], [0, 0], heads_q=2, head_dim=64, dtype=torch.bfloat16, limits="random", seed=2)
     before = torch.ops.ism._cuda_hopper_fwd_launches()
     out, lse = _call(case)
@@ -82,7 +79,7 @@ def test_views_the_tensor_maps_need_copied_or_described(monkeypatch, head_dim):
     # A K/V head broadcast over the query heads (stride 0: copied), and the strided Q/K/V of a fused
     # QKV projection (described by the tensor maps as they are).
     _needs_hopper()
-    monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+    set_kernel_config(hopper_fwd=True)
     gen = torch.Generator().manual_seed(3)
     t, h = 333, 4
     lim = torch.randint(0, t + 1, (t,), generator=gen, dtype=torch.int32)
@@ -113,9 +110,9 @@ def test_long_sequences_agree_with_the_default_kernel(monkeypatch, dtype, head_d
     for scheme in ("ism", "causal"):
         case = make_case([4096, 1500], [4096, 2100], heads_q=4, heads_kv=1, head_dim=head_dim, dtype=dtype,
                          limits=scheme, seed=head_dim)
-        monkeypatch.delenv(HOPPER_FWD_ENV, raising=False)
+        set_kernel_config(hopper_fwd=False)
         default = _call(case)
-        monkeypatch.setenv(HOPPER_FWD_ENV, "1")
+        set_kernel_config(hopper_fwd=True)
         hopper = _call(case)
         scale = max(1.0, default[0].abs().max().item())
         assert (hopper[0].float() - default[0].float()).abs().max().item() <= TOL[dtype] * scale

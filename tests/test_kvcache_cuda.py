@@ -1,5 +1,6 @@
 """`attn_with_kvcache` on CUDA: the composite of verified pieces, the dedicated kernel (opt-in with
-ISM_EXT_KVCACHE_KERNEL=1: `ism::_attn_with_kvcache_cuda` through the composite's CUDA entry), and `IsmCache`
+kvcache_kernel=True in ism_ext.config: `ism::_attn_with_kvcache_cuda` through the composite's CUDA entry), and
+`IsmCache`
 generation and a SmolLM2 chat on a GPU.
 
 Skipped without a CUDA device or without the CUDA prefill kernel (the composite path runs on it).
@@ -13,12 +14,12 @@ import random
 
 import pytest
 import torch
-from cuda_utils import DEV, cuda_marks, poison_allocator
+from cuda_utils import DEV, count_dispatch, cuda_marks, poison_allocator
 from reference import assert_close_scaled, reference_attention
 
 import ism_ext
+from ism_ext.config import set_kernel_config
 from ism_ext.masks import kv_limit_causal_append, kv_limit_new_segment
-from ism_ext.ops import kvcache_dispatch as kc
 
 pytestmark = cuda_marks("segment_attn_fwd")
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -127,20 +128,19 @@ def test_ism_cache_generation_on_the_gpu_matches_the_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The dedicated kernel (ism::_attn_with_kvcache_cuda, opt-in with ISM_EXT_KVCACHE_KERNEL=1): the calls of
+# The dedicated kernel (ism::_attn_with_kvcache_cuda, opt-in with ism_ext.config kvcache_kernel=True): the calls of
 # ism_ext.attn_with_kvcache go to it through the composite's CUDA entry, which counts where each call ran.
 
 
 @pytest.fixture
 def kernel(monkeypatch):
     """Turns the dedicated kernel on; `kernel()` then asserts that every call since ran on it."""
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
-    start = kc.dispatch_counts()
+    set_kernel_config(kvcache_kernel=True)
+    counts = count_dispatch(monkeypatch.setattr)
 
     def ran_on_kernel(calls: int | None = None):
-        now = kc.dispatch_counts()
-        assert now["composite"] == start["composite"], "a call fell back to the composite"
-        assert now["kernel"] > start["kernel"] if calls is None else now["kernel"] - start["kernel"] == calls
+        assert counts["composite"] == 0, "a call fell back to the composite"
+        assert counts["kernel"] > 0 if calls is None else counts["kernel"] == calls
 
     return ran_on_kernel
 
@@ -336,7 +336,7 @@ def test_kernel_rejects_shared_written_pages_before_writing(kernel):
 
 
 def test_kernel_op_rejects_what_it_does_not_cover_and_the_entry_falls_back(monkeypatch):
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    set_kernel_config(kvcache_kernel=True)
     case = KvCase(b=2, lq=1, hkv=2, group=4, head_dim=64, dtype=torch.bfloat16, cap=128, layout="rows",
                   kind="causal", seed=23)
     # A cache 2 bytes off a 16-byte boundary: the kernel op refuses it by name, the op's CUDA entry runs the
@@ -349,23 +349,23 @@ def test_kernel_op_rejects_what_it_does_not_cover_and_the_entry_falls_back(monke
         torch.ops.ism._attn_with_kvcache_cuda(case.q.to(DEV), k_cache, v_cache, case.k_new.to(DEV),
                                               case.v_new.to(DEV), case.lens.to(DEV), case.lim.to(DEV), None, None,
                                               0.125)
-    before = kc.dispatch_counts()
+    counts = count_dispatch(monkeypatch.setattr)
     out, lse = ism_ext.attn_with_kvcache(case.q.to(DEV), k_cache, v_cache, case.k_new.to(DEV), case.v_new.to(DEV),
                                          cache_seqlens=case.lens.to(DEV), kv_limit=case.lim.to(DEV), return_lse=True)
-    assert kc.dispatch_counts()["composite"] == before["composite"] + 1
+    assert counts == {"kernel": 0, "composite": 1}
     case.check(out.cpu(), lse.cpu(), k_cache.cpu(), v_cache.cpu())
 
 
 def test_kernel_matches_the_composite_and_is_not_used_without_the_switch(monkeypatch):
     case = KvCase(b=4, lq=1, hkv=2, group=4, head_dim=128, dtype=torch.bfloat16, cap=2048, layout="paged",
                   kind="causal", seed=29)
-    monkeypatch.delenv(kc.KERNEL_ENV, raising=False)
-    before = kc.dispatch_counts()
+    set_kernel_config(kvcache_kernel=False)
+    counts = count_dispatch(monkeypatch.setattr)
     composite = case.run()
-    assert kc.dispatch_counts()["kernel"] == before["kernel"]
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    assert counts["kernel"] == 0
+    set_kernel_config(kvcache_kernel=True)
     dedicated = case.run()
-    assert kc.dispatch_counts()["kernel"] == before["kernel"] + 1
+    assert counts["kernel"] == 1
     assert_close_scaled(dedicated[0], composite[0], TOL[torch.bfloat16], "kernel vs composite")
     assert torch.equal(dedicated[2], composite[2]) and torch.equal(dedicated[3], composite[3])
 

@@ -17,8 +17,10 @@ import subprocess
 
 import pytest
 import torch
+from cuda_utils import count_dispatch
 from reference import assert_close_scaled, reference_attention
 
+from ism_ext import config
 from ism_ext.masks import kv_limit_causal_append
 from ism_ext.ops import kvcache_dispatch as kc
 
@@ -36,16 +38,12 @@ def _tensors(dtype=torch.bfloat16, d=64, b=2, lq=3, cap=64, hq=4, hkv=2):
     return q, k_cache, v_cache, k_new, v_new, lens, kv_limit_causal_append(lens, lq)
 
 
-@pytest.mark.parametrize(("value", "requested"), [(None, False), ("", False), ("0", False), ("1", True),
-                                                  ("yes", True)])
-def test_kernel_is_requested_by_the_env_var_at_every_call(value, requested, monkeypatch):
-    if value is None:
-        monkeypatch.delenv(kc.KERNEL_ENV, raising=False)
-    else:
-        monkeypatch.setenv(kc.KERNEL_ENV, value)
-    assert kc.kernel_requested() is requested
-    if not requested:
-        assert kc.kernel_fallback_reason(*_tensors()[:3]) == f"{kc.KERNEL_ENV} is not set"
+@pytest.mark.parametrize("requested", [False, True])
+def test_kernel_is_requested_by_the_kernel_config(requested):
+    with config.kernel_config(kvcache_kernel=requested):
+        assert kc.kernel_requested() is requested
+        if not requested:
+            assert "kvcache_kernel=False" in kc.kernel_fallback_reason(*_tensors()[:3])
 
 
 def test_kernel_op_exists_exactly_in_cuda_builds():
@@ -78,7 +76,7 @@ def test_tensor_gaps_name_what_the_kernel_does_not_cover():
 
 def test_fallback_reasons_in_order(monkeypatch):
     q, k_cache, v_cache = _tensors()[:3]
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    config.set_kernel_config(kvcache_kernel=True)
     if not kc.kernel_registered():
         assert kc.kernel_fallback_reason(q, k_cache, v_cache) == "this build has no CUDA KV-cache kernel"
     monkeypatch.setattr(kc, "kernel_registered", lambda: True)
@@ -87,13 +85,13 @@ def test_fallback_reasons_in_order(monkeypatch):
 
 
 def test_cuda_entry_falls_back_to_the_composite_with_the_ops_results(monkeypatch):
-    monkeypatch.setenv(kc.KERNEL_ENV, "1")
+    config.set_kernel_config(kvcache_kernel=True)
     args = _tensors()
     q, k_cache, v_cache, k_new, v_new, lens, lim = args
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    before = kc.dispatch_counts()
+    counts = count_dispatch(monkeypatch.setattr)
     out, lse = kc.attn_with_kvcache_cuda(q, k_cache, v_cache, k_new, v_new, lens, lim, None, None, 0.125)
-    assert kc.dispatch_counts() == {**before, "composite": before["composite"] + 1}
+    assert counts == {"kernel": 0, "composite": 1}
     ref_out, ref_lse = torch.ops.ism.attn_with_kvcache(q, k_ref, v_ref, k_new, v_new, lens, lim, None, None, 0.125)
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
@@ -105,13 +103,38 @@ def test_cuda_entry_hands_covered_calls_to_the_kernel_op(monkeypatch):
     monkeypatch.setattr(kc, "kernel_fallback_reason", lambda *a: None)
     monkeypatch.setattr(kc, "op", lambda name: (lambda *a: calls.append((name, a)) or ("out", "lse")))
     args = _tensors()
-    before = kc.dispatch_counts()
+    counts = count_dispatch(monkeypatch.setattr)
     assert kc.attn_with_kvcache_cuda(*args, None, None, 0.5) == ("out", "lse")
     assert [name for name, _ in calls] == [kc.KERNEL_OP] and calls[0][1] == (*args, None, None, 0.5)
-    assert kc.dispatch_counts()["kernel"] == before["kernel"] + 1
+    assert counts == {"kernel": 1, "composite": 0}
 
 
 # ---- the combine of split keys ------------------------------------------------------------------------------
+
+
+def combine_partials(out_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's combine of split keys (csrc/cuda/kvcache_combine_kernel.cuh) in torch, in float32.
+
+    ``out_parts [splits, rows, d]``: each chunk's normalised output; ``lse_parts [splits, rows]``: its natural-log
+    log-sum-exp (-inf where the chunk saw no key of the row). Returns ``(out [rows, d], lse [rows])`` with
+    ``lse = log sum_c exp(lse_c)`` and ``out = sum_c exp(lse_c - lse) out_c``, in the kernel's one pass with a
+    running maximum; a row no chunk saw gets 0 and -inf.
+    """
+    rows, dim = out_parts.shape[1:]
+    top = torch.full((rows,), -torch.inf)
+    total = torch.zeros(rows)
+    acc = torch.zeros(rows, dim)
+    for out_c, lse_c in zip(out_parts.float(), lse_parts.float(), strict=True):
+        seen = lse_c != -torch.inf
+        nxt = torch.where(seen, torch.maximum(top, lse_c), top)
+        keep = torch.where(seen, torch.exp(top - nxt), 1.0)
+        weight = torch.where(seen, torch.exp(lse_c - nxt), 0.0)
+        acc = acc * keep[:, None] + weight[:, None] * torch.where(seen[:, None], out_c, 0.0)
+        total = total * keep + weight
+        top = nxt
+    inv = torch.where(total > 0, 1.0 / total, 0.0)
+    return acc * inv[:, None], torch.where(total > 0, top + torch.log(total), -torch.inf)
+
 
 def test_combine_of_chunks_equals_attention_over_whole_rows():
     gen = torch.Generator().manual_seed(3)
@@ -131,7 +154,7 @@ def test_combine_of_chunks_equals_attention_over_whole_rows():
         parts.append(reference_attention(q, k[c0:c1], v[c0:c1], lim_c, cu_q, cu_c, 0.2))
     out_parts = torch.stack([o[:, 0] for o, _ in parts])
     lse_parts = torch.stack([lse[0] for _, lse in parts])
-    out, lse = kc.combine_partials(out_parts.float(), lse_parts.float())
+    out, lse = combine_partials(out_parts.float(), lse_parts.float())
     assert_close_scaled(out, ref_out[:, 0], 1e-5, "out")
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse[0]))
     assert torch.all(out[0] == 0) and lse[0] == -math.inf
@@ -142,7 +165,7 @@ def test_combine_of_chunks_equals_attention_over_whole_rows():
 def test_combine_of_one_chunk_is_that_chunk():
     out = torch.randn(1, 5, 8)
     lse = torch.tensor([[0.5, -math.inf, 3.0, -2.0, 10.0]])
-    got_out, got_lse = kc.combine_partials(out, lse)
+    got_out, got_lse = combine_partials(out, lse)
     torch.testing.assert_close(got_lse, lse[0])
     torch.testing.assert_close(got_out[[0, 2, 3, 4]], out[0, [0, 2, 3, 4]])
     assert torch.all(got_out[1] == 0)

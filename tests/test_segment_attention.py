@@ -233,3 +233,14 @@ def test_more_queries_than_keys_follow_kv_limit():
     case = make_case([0, 5, 3], [2, 3, 1], heads_q=4, heads_kv=2, head_dim=16, limits="random", seed=5)
     assert case.kv_limit.max() <= 3
     _run(case, grad=True)
+
+
+def test_double_backward_raises_a_clear_error():
+    # Before: the second backward returned zeros with only PyTorch's generic "autograd not registered" warning.
+    case = make_case([3, 4], heads_q=2, heads_kv=1, head_dim=8, seed=3)
+    q, k, v = (t.clone().requires_grad_() for t in (case.q, case.k, case.v))
+    out = ism_ext.segment_attention(q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q,
+                                    cu_seqlens_k=case.cu_seqlens_k)
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        dq.sum().backward()

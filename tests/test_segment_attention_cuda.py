@@ -7,7 +7,7 @@ queries. Each call's outputs land in memory that was just filled with NaN (throu
 allocator), so a row the kernel forgets to write shows up as NaN. Skipped without a CUDA device.
 
 Every test runs twice: with the default (FA2-class, sm_80) kernel, and with the Hopper kernel forced
-(ISM_EXT_HOPPER_FWD=1, csrc/cuda/hopper_fwd_kernel.cuh), whose variant is skipped unless this build has
+(ism_ext.config hopper_fwd=True, csrc/cuda/hopper_fwd_kernel.cuh), whose variant is skipped unless this build has
 it and the device is compute capability 9.0 (`-k hopper` selects that variant alone). In the Hopper
 variant every call with rows and keys must have launched the Hopper kernel, so no test passes on the
 other one by a silent fallback.
@@ -15,7 +15,6 @@ other one by a silent fallback.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -24,6 +23,7 @@ from cuda_utils import DEV, assert_lse_close, cuda_marks, has_cuda_kernel, poiso
 from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
+from ism_ext.config import get_kernel_config, set_kernel_config
 
 pytestmark = cuda_marks("segment_attn_fwd")
 
@@ -34,9 +34,6 @@ DTYPES = list(TOL)
 SCHEMES = ["ism", "mas", "prefix_lm", "causal", "random", "full", "empty"]
 
 
-# Set to "1", it makes the CUDA forward run the Hopper kernel; read at every forward call. The call
-# raises where the build or the device has none.
-HOPPER_FWD_ENV = "ISM_EXT_HOPPER_FWD"
 
 
 def hopper_fwd_available() -> tuple[bool, str]:
@@ -57,9 +54,8 @@ def fwd_kernel(request, monkeypatch):
         available, why = hopper_fwd_available()
         if not available:
             pytest.skip(why)
-        monkeypatch.setenv(HOPPER_FWD_ENV, "1")
-    else:
-        monkeypatch.delenv(HOPPER_FWD_ENV, raising=False)
+    # The conftest fixture restores the process's kernel configuration after the test.
+    set_kernel_config(hopper_fwd=request.param == "hopper")
     return request.param
 
 
@@ -70,7 +66,7 @@ def _cuda_args(case: Case):
 def _fwd(case: Case, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, stream=None):
     q, k, v, lim, cu_q, cu_k = _cuda_args(case)
     poison_allocator((tuple(q.shape), q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
-    hopper = os.environ.get(HOPPER_FWD_ENV) == "1"
+    hopper = get_kernel_config().hopper_fwd
     launches = torch.ops.ism._cuda_hopper_fwd_launches() if hopper else 0
     with torch.cuda.stream(stream or torch.cuda.current_stream()):
         out, lse = torch.ops.ism.segment_attn_fwd(q, k, v, lim, cu_q, cu_k, max_seqlen_q, max_seqlen_k,

@@ -5,7 +5,7 @@ included), bfloat16 and float16, head dims 64 and 128, GQA groups 1/2/4/8, packe
 batches, lengths 1..4097 around the tile edges (64/128 query rows, 128 keys), sequences with more
 keys than queries, the lse gradient, scales, strided and expanded gradients, the deterministic mode,
 and a patched transformers model; then a subset of the matrix on the small dK/dV tiles
-(ISM_EXT_BWD_SMALL_TILES=1), which GPUs with 99 KiB of shared memory per block need, and the choice
+(ism_ext.config bwd_small_tiles=True), which GPUs with 99 KiB of shared memory per block need, and the choice
 between the two. dq/dk/dv land in memory that was just filled with NaN, so an element the kernels
 forget to write shows up. Skipped without a CUDA device.
 
@@ -20,7 +20,6 @@ import pytest
 import torch
 from cuda_utils import (
     DEV,
-    SMALL_TILES_ENV,
     TILE_EDGES,
     assert_lse_close,
     bwd_tile_launches,
@@ -31,6 +30,7 @@ from cuda_utils import (
 from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext
+from ism_ext.config import set_kernel_config
 
 pytestmark = cuda_marks("segment_attn_bwd")
 
@@ -292,18 +292,18 @@ def test_patched_llama_training_step_on_gpu():
 
 
 # ---- The small dK/dV tiles (csrc/cuda/bwd_kernel_traits.h BwdDkDvSmallShape), selected on any GPU by
-# ISM_EXT_BWD_SMALL_TILES=1. The fixture sets the switch for the test and checks afterwards that
+# ism_ext.config bwd_small_tiles=True. The fixture sets the switch for the test and checks afterwards that
 # every backward of the test ran the small dK/dV kernels and none the big ones.
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setenv(SMALL_TILES_ENV, "1")
+def small_tiles():
+    set_kernel_config(bwd_small_tiles=True)  # restored by the conftest fixture
     before = bwd_tile_launches()
     yield
     after = bwd_tile_launches()
     assert after["small"] > before["small"], "no backward ran the small dK/dV tiles"
-    assert after["big"] == before["big"], "a backward ran the big dK/dV tiles despite " + SMALL_TILES_ENV
+    assert after["big"] == before["big"], "a backward ran the big dK/dV tiles despite bwd_small_tiles=True"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -365,10 +365,7 @@ def test_small_tiles_match_big_tiles_bit_for_bit(monkeypatch, head_dim, group):
     grad_out = torch.randn(case.q.shape, generator=gen).to(case.q.dtype)
     grads = {}
     for tiles in ("big", "small"):
-        if tiles == "small":
-            monkeypatch.setenv(SMALL_TILES_ENV, "1")
-        else:
-            monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
+        set_kernel_config(bwd_small_tiles=tiles == "small")
         before = bwd_tile_launches()[tiles]
         grads[tiles] = _gpu_grads(case, grad_out, deterministic=True)[2:]
         assert bwd_tile_launches()[tiles] == before + 1
@@ -376,18 +373,15 @@ def test_small_tiles_match_big_tiles_bit_for_bit(monkeypatch, head_dim, group):
         assert torch.equal(big, small), f"{name}: the small tiles differ from the big ones"
 
 
-def test_small_tiles_switch_values(monkeypatch):
-    # Any value but unset, "" and "0" selects the small tiles; the switch is read at every call.
+def test_small_tiles_switch_values():
+    # The configuration reaches the C++ backward at every change (ism_ext.config, one setter op).
     case = make_case([130, 7], heads_q=2, head_dim=64, dtype=torch.float16, limits="ism", seed=5)
-    for value, tiles in (("1", "small"), ("0", "big"), ("", "big"), ("yes", "small"), (None, "big")):
-        if value is None:
-            monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
-        else:
-            monkeypatch.setenv(SMALL_TILES_ENV, value)
+    for small, tiles in ((True, "small"), (False, "big"), (True, "small")):
+        set_kernel_config(bwd_small_tiles=small)
         before = bwd_tile_launches()
         _run(case)
         after = bwd_tile_launches()
-        assert after[tiles] == before[tiles] + 1, f"{SMALL_TILES_ENV}={value!r} did not run the {tiles} tiles"
+        assert after[tiles] == before[tiles] + 1, f"bwd_small_tiles={small} did not run the {tiles} tiles"
 
 
 # Shared memory per block of the dK/dV kernel (csrc/cuda/bwd_kernel_traits.h), and the opt-in limit of
@@ -410,18 +404,18 @@ def test_bwd_tiles_choice(head_dim):
         choice(head_dim, SMEM_99K, False, "NVIDIA L4 (compute capability 8.9)")
     message = str(err.value)
     for part in ("NVIDIA L4 (compute capability 8.9)", f"needs {big} bytes", f"allows {SMEM_99K}",
-                 f"small tiles need {small} bytes", f"{SMALL_TILES_ENV}=1", "not-yet-GPU-verified"):
+                 f"small tiles need {small} bytes", "bwd_small_tiles=True", "not-yet-GPU-verified"):
         assert part in message, f"{part!r} missing from: {message}"
     assert choice(head_dim, big - 1, True, "test GPU") == "small"
     with pytest.raises(RuntimeError, match="even its small tiles need"):
         choice(head_dim, small - 1, False, "test GPU")
-    with pytest.raises(RuntimeError, match=f"{SMALL_TILES_ENV}=1 selects the small-tile backward.*needs {small}"):
+    with pytest.raises(RuntimeError, match=f"bwd_small_tiles=True .* selects the small-tile backward.*needs {small}"):
         choice(head_dim, small - 1, True, "test GPU")
 
 
 def test_bwd_tiles_choice_on_this_gpu(monkeypatch):
     # The device's real limit: the big tiles where they fit (A100, H100, H200), else the error.
-    monkeypatch.delenv(SMALL_TILES_ENV, raising=False)
+    set_kernel_config(bwd_small_tiles=False)
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     case = make_case([70], heads_q=2, head_dim=128, dtype=torch.bfloat16, limits="causal", seed=1)
     if limit >= DKDV_SMEM[128]["big"]:
@@ -429,5 +423,5 @@ def test_bwd_tiles_choice_on_this_gpu(monkeypatch):
         _run(case)
         assert bwd_tile_launches()["big"] == before + 1
     else:
-        with pytest.raises(RuntimeError, match=f"{SMALL_TILES_ENV}=1 enables"):
+        with pytest.raises(RuntimeError, match="bwd_small_tiles=True .* enables"):
             _run(case)

@@ -117,3 +117,16 @@ def test_the_chat_prompt_of_a_new_round_uses_the_same_pieces():
         ("user", "<|start_header_id|>user<|end_header_id|>\n\nTell me more.<|eot_id|>"),
         ("template", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     ]
+
+
+@pytest.mark.parametrize("scheme", ["ism", "mas", "mas_merged", "prefix_lm"])
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_implicit_default_and_explicit_system_prompt_give_one_layout(scheme, template):
+    # Before: the newline after the template's own system turn joined the user segment, while the same text
+    # given as a system message kept it: two layouts for one token sequence.
+    tok = (build_tokenizer(chat_template=CHATML_DEFAULT_SYSTEM_TEMPLATE) if template == "chatml"
+           else make_llama3_tokenizer())
+    explicit = [{"role": "system", "content": "You are a small helpful model."}, *DIALOGUE[1:3]]
+    implicit_layout, explicit_layout = layout(tok, DIALOGUE[1:3], scheme), layout(tok, explicit, scheme)
+    assert "".join(t[1] for t in implicit_layout) == "".join(t[1] for t in explicit_layout)  # the same tokens
+    assert implicit_layout == explicit_layout

@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <string>
 
 #include "cuda_op_utils.h"
@@ -21,7 +20,8 @@
 namespace ism {
 namespace {
 
-constexpr const char* kSmallTilesEnv = "ISM_EXT_BWD_SMALL_TILES";
+// How the error messages name the switch.
+constexpr const char* kSmallTilesChoice = "ism_ext.config bwd_small_tiles=True (default from ISM_EXT_BWD_SMALL_TILES)";
 
 std::atomic<int64_t> dkdv_launches[2];
 
@@ -55,10 +55,7 @@ int64_t bwd_tiles_launches_op(c10::string_view tiles) {
 
 }  // namespace
 
-bool bwd_small_tiles_requested() {
-  const char* value = std::getenv(kSmallTilesEnv);
-  return value != nullptr && value[0] != '\0' && std::string(value) != "0";
-}
+bool bwd_small_tiles_requested() { return kernel_choice().bwd_small_tiles; }
 
 BwdTilesPlan plan_bwd_tiles(int head_dim, int64_t smem_optin_bytes, bool small_tiles_requested) {
   BwdTilesPlan plan{};
@@ -73,7 +70,7 @@ void raise_bwd_tiles_error(const char* op, const BwdTilesPlan& plan, int head_di
                            const std::string& device) {
   std::string message;
   if (plan.tiles == cuda::BwdTiles::kSmall) {
-    message = c10::str(op, ": ", kSmallTilesEnv, "=1 selects the small-tile backward, whose dK/dV kernel needs ",
+    message = c10::str(op, ": ", kSmallTilesChoice, " selects the small-tile backward, whose dK/dV kernel needs ",
                        plan.small_bytes, " bytes of shared memory per block at head_dim ", head_dim, ", but ", device,
                        " allows ", smem_optin_bytes);
   } else if (plan.small_bytes > smem_optin_bytes) {
@@ -84,8 +81,8 @@ void raise_bwd_tiles_error(const char* op, const BwdTilesPlan& plan, int head_di
     message = c10::str(op, ": the backward's dK/dV kernel needs ", plan.big_bytes,
                        " bytes of shared memory per block at head_dim ", head_dim, ", but ", device, " allows ",
                        smem_optin_bytes, ". Its small tiles need ", plan.small_bytes,
-                       " bytes and fit, but have not yet run on a GPU: ", kSmallTilesEnv,
-                       "=1 enables the not-yet-GPU-verified small-tile backward");
+                       " bytes and fit, but have not yet run on a GPU: ", kSmallTilesChoice,
+                       " enables the not-yet-GPU-verified small-tile backward");
   }
   C10_THROW_ERROR(Error, message);
 }

@@ -2,8 +2,8 @@
 //
 // The big tiles need 134432 (d = 64) and 149280 (d = 128) bytes of shared memory per block, more
 // than the 99 KiB that sm_86, sm_89 and sm_120 GPUs allow; the small tiles fit there but have not
-// yet run on a GPU. So the small tiles are opt-in: ISM_EXT_BWD_SMALL_TILES=1 (any value but unset,
-// empty or "0"), read at every backward call, selects them on any GPU; without it a device whose
+// yet run on a GPU. So the small tiles are opt-in: ism_ext.config's bwd_small_tiles (default from
+// ISM_EXT_BWD_SMALL_TILES; kernel_choice(), cuda_op_utils.h) selects them on any GPU; without it a device whose
 // opt-in limit is below the big tiles' need gets an error that says so. The choice itself is plain
 // data (plan_bwd_tiles), so a test can run it for any limit.
 #pragma once
@@ -22,7 +22,7 @@ struct BwdTilesPlan {
   int64_t small_bytes;
 };
 
-// True when ISM_EXT_BWD_SMALL_TILES is set to anything but "" or "0" (read now).
+// True when the kernel configuration asks for the small tiles (kernel_choice()).
 bool bwd_small_tiles_requested();
 
 // The small tiles when requested, else the big ones; `fits` tells whether they fit in

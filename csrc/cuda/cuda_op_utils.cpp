@@ -1,6 +1,7 @@
 #include "cuda_op_utils.h"
 
 #include <cuda_runtime_api.h>
+#include <torch/library.h>
 
 #include <array>
 #include <atomic>
@@ -36,7 +37,21 @@ std::optional<DType> float_dtype(at::ScalarType t) {
   }
 }
 
+std::atomic<bool> hopper_fwd_chosen{false};
+std::atomic<bool> bwd_small_tiles_chosen{false};
+
+void set_cuda_kernel_choice(bool hopper_fwd, bool bwd_small_tiles) {
+  hopper_fwd_chosen.store(hopper_fwd);
+  bwd_small_tiles_chosen.store(bwd_small_tiles);
+}
+
 }  // namespace
+
+KernelChoice kernel_choice() { return {hopper_fwd_chosen.load(), bwd_small_tiles_chosen.load()}; }
+
+TORCH_LIBRARY_FRAGMENT(ism, m) {
+  m.def("_set_cuda_kernel_choice(bool hopper_fwd, bool bwd_small_tiles) -> ()", &set_cuda_kernel_choice);
+}
 
 void check_cuda_kernel_support(const char* op, const at::Tensor& q, int64_t head_dim,
                                std::optional<int64_t> max_seqlen_q, std::optional<int64_t> max_seqlen_k) {

@@ -12,6 +12,15 @@
 
 namespace ism {
 
+// The opt-in CUDA kernels the process asked for: ism_ext.config (Python) sets them through the op
+// ism::_set_cuda_kernel_choice(bool hopper_fwd, bool bwd_small_tiles) whenever its configuration
+// changes (the environment variables are read there, once, as defaults; never here). Both start false.
+struct KernelChoice {
+  bool hopper_fwd;       // the sm_90a forward (ops_cuda.cpp)
+  bool bwd_small_tiles;  // the small dK/dV tiles of the backward (bwd_tiles_choice.cpp)
+};
+KernelChoice kernel_choice();
+
 // Scoped NVTX range, so a profile shows the op's host work and launches under its own name.
 class NvtxRange {
  public:

@@ -1,7 +1,9 @@
-// `ism::_attn_with_kvcache_cuda`: the dedicated CUDA kernel of `ism::attn_with_kvcache`, as an op of its
-// own with the same schema. It is opt-in until its GPU tests pass: the CUDA implementation of
-// `ism::attn_with_kvcache` stays the Python composite (ism_ext/ops/kvcache_composite.py), which calls
-// this op instead when ISM_EXT_KVCACHE_KERNEL=1 and the call is one the kernel covers.
+// `ism::_attn_with_kvcache_cuda`: the dedicated CUDA kernel of `ism::attn_with_kvcache`, as an internal op
+// with the same schema. It is opt-in until its GPU tests pass: the one CUDA implementation of
+// `ism::attn_with_kvcache` is the Python dispatcher (ism_ext/ops/kvcache_dispatch.py,
+// attn_with_kvcache_cuda), which calls this op when ism_ext.config has kvcache_kernel=True and the call is
+// one the kernel covers, and the composite of verified pieces (ism_ext/ops/kvcache_composite.py) otherwise.
+// Nothing else calls it, so it has no fake kernel: tracing sees only ism::attn_with_kvcache.
 //
 // Every check runs before the first byte is written, so a rejected call leaves the cache byte-identical:
 //   - shapes, dtypes, devices, strides: check_kvcache_args (kvcache_checks.h), the CPU op's checks;
@@ -23,6 +25,8 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -87,12 +91,17 @@ int check_values_on_host(KVCacheAttnParams p, const at::Tensor& k_cache, const a
 }
 
 // Blocks of the attention kernel per SM on `device`, from the occupancy API, read once per (device,
-// dtype, head dim, tiling).
+// dtype, head dim, tiling): the cache is keyed by exactly that tuple, so a new head dim or dtype in
+// static_switch.h needs no change here.
 int blocks_per_sm(DType dtype, int head_dim, cuda::KVCacheTiles tiles, int device) {
-  static std::array<std::atomic<int>, 64 * 8> cache{};
-  const int config = (dtype == DType::kBFloat16 ? 4 : 0) + (head_dim == 128 ? 2 : 0) + static_cast<int>(tiles);
-  const bool cached = device >= 0 && device < 64;
-  if (cached && cache[device * 8 + config].load() > 0) return cache[device * 8 + config].load();
+  using Key = std::tuple<int, DType, int, cuda::KVCacheTiles>;
+  static std::mutex mutex;
+  static std::map<Key, int> cache;
+  const Key key{device, dtype, head_dim, tiles};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  }
   int blocks = 0;
   cudaError_t err = cudaErrorInvalidValue;
   cuda::dispatch_kernel_config(dtype, head_dim, [&](auto c) {
@@ -104,7 +113,8 @@ int blocks_per_sm(DType dtype, int head_dim, cuda::KVCacheTiles tiles, int devic
   });
   C10_CUDA_CHECK(err);
   blocks = std::max(blocks, 1);
-  if (cached) cache[device * 8 + config].store(blocks);
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, blocks);
   return blocks;
 }
 

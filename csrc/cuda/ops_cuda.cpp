@@ -4,7 +4,7 @@
 //
 // Two forward kernels: the FA2-class sm_80 kernel, the default everywhere, and the Hopper kernel
 // (hopper_fwd_kernel.cuh: TMA, wgmma, warp-specialised), opt-in until its GPU tests have passed on a
-// GPU: ISM_EXT_HOPPER_FWD set to anything but empty or "0", read at every call, selects it. It is
+// GPU: ism_ext.config's hopper_fwd (default from ISM_EXT_HOPPER_FWD; kernel_choice() here) selects it. It is
 // compiled only when the build found the CUTLASS headers and 9.0a among the architectures
 // (ISM_WITH_HOPPER_FWD, setup.py) and runs only on compute capability 9.0 devices; asked for where
 // either is missing, the call raises (a forced kernel that silently fell back would let its tests
@@ -37,7 +37,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -81,31 +80,27 @@ cudaError_t launch(const SegmentAttnFwdParams& p, const cuda::FwdGrid& grid, cud
   return err;
 }
 
-constexpr const char* kHopperFwdEnv = "ISM_EXT_HOPPER_FWD";
+// How the error messages name the switch.
+constexpr const char* kHopperFwdChoice = "ism_ext.config hopper_fwd=True (default from ISM_EXT_HOPPER_FWD)";
 std::atomic<int64_t> hopper_fwd_launches{0};
 
-bool hopper_fwd_requested() {
-  const char* value = std::getenv(kHopperFwdEnv);
-  return value != nullptr && value[0] != '\0' && std::string(value) != "0";
-}
-
-// Whether this call runs the Hopper kernel: when ISM_EXT_HOPPER_FWD asks for it, which needs a build
-// with the kernel and a compute capability 9.0 device (else a RuntimeError that says which is missing).
+// Whether this call runs the Hopper kernel: when the kernel configuration asks for it, which needs a
+// build with the kernel and a compute capability 9.0 device (else a RuntimeError that says which is missing).
 bool use_hopper_fwd(const char* op, int device) {
-  if (!hopper_fwd_requested()) return false;
+  if (!kernel_choice().hopper_fwd) return false;
 #if defined(ISM_WITH_HOPPER_FWD)
   int cc_major = 0, cc_minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(cc_major == 9 && cc_minor == 0, op, ": ", kHopperFwdEnv,
-              "=1 selects the Hopper (sm_90a) forward kernel, which runs on compute capability 9.0 only, but ",
-              device_description(device), " is not one; unset ", kHopperFwdEnv, " for the default kernel");
+  TORCH_CHECK(cc_major == 9 && cc_minor == 0, op, ": ", kHopperFwdChoice,
+              " selects the Hopper (sm_90a) forward kernel, which runs on compute capability 9.0 only, but ",
+              device_description(device), " is not one; set hopper_fwd=False for the default kernel");
   return true;
 #else
   (void)device;
-  TORCH_CHECK(false, op, ": ", kHopperFwdEnv, "=1 selects the Hopper forward kernel, but this build of ism_ext ",
+  TORCH_CHECK(false, op, ": ", kHopperFwdChoice, " selects the Hopper forward kernel, but this build of ism_ext ",
               "has none: it is compiled only when the CUTLASS headers are found and TORCH_CUDA_ARCH_LIST names 9.0a ",
-              "(see setup.py); unset ", kHopperFwdEnv, " for the default kernel");
+              "(see setup.py); set hopper_fwd=False for the default kernel");
   return false;
 #endif
 }

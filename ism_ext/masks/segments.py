@@ -76,35 +76,11 @@ def _raise_reused_id(keys: torch.Tensor, local_pos: torch.Tensor) -> None:
     )
 
 
-def kv_limit_from_segment_ids(
-    segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Compute the per-token ``kv_limit`` (int32) from per-token segment ids.
-
-    Args:
-        segment_ids: integer tensor, either 1-D ``[T]`` (one sequence, or several packed sequences when
-            ``cu_seqlens`` is given) or 2-D ``[B, S]`` (one sequence per row). ``-1`` marks a causal
-            token; a contiguous run of one id ``>= 0`` is one bidirectional segment. Runs never cross
-            sequence boundaries: equal ids at the end of one sequence and the start of the next are two
-            runs. The same id may be used again in a *different* sequence.
-        cu_seqlens: optional int32/int64 ``[B+1]`` offsets of packed sequences in a 1-D ``segment_ids``
-            (starts at 0, non-decreasing, ends at ``T``; empty sequences allowed). Must be ``None`` for
-            2-D input.
-
-    Returns:
-        int32 tensor of the same shape and device as ``segment_ids``. A token may attend keys at
-        positions ``j < kv_limit`` of its own sequence, counted from that sequence's first token:
-        causal token at position ``i`` -> ``i + 1``; token of a run ``[s, e)`` -> ``e``.
-
-    Raises:
-        TypeError: ``segment_ids`` is not a tensor or has a non-integer dtype.
-        ValueError: wrong rank, an id ``< -1``, an id ``>= 0`` used by two separate runs of the same
-            sequence (not expressible by the rule), bad ``cu_seqlens``, or ``cu_seqlens`` with 2-D ids.
-    """
-    _check_ids(segment_ids)
+def _flat_ids_and_offsets(segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """The ids as one packed ``[T]`` tensor and their int64 sequence offsets ``[B+1]`` (rows of 2-D ids are
+    sequences), with ``cu_seqlens`` checked."""
     device = segment_ids.device
-    out_shape = segment_ids.shape
-
     if segment_ids.dim() == 2:
         if cu_seqlens is not None:
             raise ValueError(
@@ -112,36 +88,35 @@ def kv_limit_from_segment_ids(
             )
         batch, seqlen = segment_ids.shape
         ids = segment_ids.reshape(-1)
-        total = ids.numel()
         # Rows are sequences: their offsets are just multiples of S, so the packed path does the work.
         cu = (
             torch.arange(batch + 1, device=device, dtype=torch.int64) * seqlen
-            if total > 0
+            if ids.numel() > 0
             else torch.zeros(1, device=device, dtype=torch.int64)
         )
-    else:
-        ids = segment_ids
-        total = ids.numel()
-        if cu_seqlens is None:
-            cu = torch.tensor([0, total], device=device, dtype=torch.int64)
-        else:
-            _check_cu_seqlens(cu_seqlens, total)
-            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        return ids, cu
+    total = segment_ids.numel()
+    if cu_seqlens is None:
+        return segment_ids, torch.tensor([0, total], device=device, dtype=torch.int64)
+    _check_cu_seqlens(cu_seqlens, total)
+    return segment_ids, cu_seqlens.to(device=device, dtype=torch.int64)
 
-    if total > _INT32_MAX:
-        raise ValueError(f"too many tokens for int32 kv_limit: {total}")
-    if total == 0:
-        return torch.zeros(out_shape, dtype=torch.int32, device=device)
 
+def _causal_mask_checked(ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[T]``: which tokens are causal (id -1); raises ValueError for an id below -1."""
     # Unsigned dtypes cannot hold -1, so every token of such a tensor is in a segment; comparing them
     # against -1 would wrap around instead.
-    if ids.dtype.is_signed:
-        if bool((ids < -1).any().item()):
-            bad = int(ids[ids < -1][0].item())
-            raise ValueError(f"segment ids must be -1 (causal) or >= 0, got {bad}")
-        is_causal = ids == -1
-    else:
-        is_causal = torch.zeros_like(ids, dtype=torch.bool)
+    if not ids.dtype.is_signed:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    if bool((ids < -1).any().item()):
+        bad = int(ids[ids < -1][0].item())
+        raise ValueError(f"segment ids must be -1 (causal) or >= 0, got {bad}")
+    return ids == -1
+
+
+def _packed_kv_limit(ids: torch.Tensor, cu: torch.Tensor, is_causal: torch.Tensor) -> torch.Tensor:
+    """int64 ``kv_limit`` ``[T]`` of packed ids with offsets ``cu``; raises for an id reused after a gap."""
+    device, total = ids.device, ids.numel()
     # int64 keeps every id distinct (the uint64 -> int64 cast is a bijection) for the comparisons below.
     ids64 = ids.to(torch.int64)
 
@@ -177,4 +152,40 @@ def kv_limit_from_segment_ids(
         if uniq.shape[0] != keys.shape[0]:
             _raise_reused_id(keys, (pos - seq_base)[start_of_segment])
 
-    return kv_limit.to(torch.int32).reshape(out_shape)
+    return kv_limit
+
+
+def kv_limit_from_segment_ids(
+    segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Compute the per-token ``kv_limit`` (int32) from per-token segment ids.
+
+    Args:
+        segment_ids: integer tensor, either 1-D ``[T]`` (one sequence, or several packed sequences when
+            ``cu_seqlens`` is given) or 2-D ``[B, S]`` (one sequence per row). ``-1`` marks a causal
+            token; a contiguous run of one id ``>= 0`` is one bidirectional segment. Runs never cross
+            sequence boundaries: equal ids at the end of one sequence and the start of the next are two
+            runs. The same id may be used again in a *different* sequence.
+        cu_seqlens: optional int32/int64 ``[B+1]`` offsets of packed sequences in a 1-D ``segment_ids``
+            (starts at 0, non-decreasing, ends at ``T``; empty sequences allowed). Must be ``None`` for
+            2-D input.
+
+    Returns:
+        int32 tensor of the same shape and device as ``segment_ids``. A token may attend keys at
+        positions ``j < kv_limit`` of its own sequence, counted from that sequence's first token:
+        causal token at position ``i`` -> ``i + 1``; token of a run ``[s, e)`` -> ``e``.
+
+    Raises:
+        TypeError: ``segment_ids`` is not a tensor or has a non-integer dtype.
+        ValueError: wrong rank, an id ``< -1``, an id ``>= 0`` used by two separate runs of the same
+            sequence (not expressible by the rule), bad ``cu_seqlens``, or ``cu_seqlens`` with 2-D ids.
+    """
+    _check_ids(segment_ids)
+    ids, cu = _flat_ids_and_offsets(segment_ids, cu_seqlens)
+    total = ids.numel()
+    if total > _INT32_MAX:
+        raise ValueError(f"too many tokens for int32 kv_limit: {total}")
+    if total == 0:
+        return torch.zeros(segment_ids.shape, dtype=torch.int32, device=segment_ids.device)
+    kv_limit = _packed_kv_limit(ids, cu, _causal_mask_checked(ids))
+    return kv_limit.to(torch.int32).reshape(segment_ids.shape)

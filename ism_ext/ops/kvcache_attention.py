@@ -1,9 +1,11 @@
 """`attn_with_kvcache`: append new keys/values into a KV cache in place and attend over it.
 
 In the spirit of FlashAttention's `flash_attn_with_kvcache`, with the `kv_limit` rule per query.
-The op is `torch.ops.ism.attn_with_kvcache` (schema in csrc/ops.cpp, it mutates the caches); here
-are its fake kernel and the Python wrapper. The `kv_limit` layouts of new tokens are in
-`ism_ext.masks.new_tokens`.
+The op is `torch.ops.ism.attn_with_kvcache`, one schema (csrc/ops.cpp; it mutates the caches) with one
+implementation per device: the C++ kernel on the CPU (csrc/kvcache_op.cpp) and, on CUDA, the dispatcher
+`kvcache_dispatch.attn_with_kvcache_cuda` registered here (dedicated kernel or composite). Here are also
+its one fake kernel and the Python wrapper. The default ``kv_limit`` (causal new tokens) comes from
+`ism_ext.masks.new_tokens`, the layer above this one (docs/design.md, "Layers").
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from ..masks.new_tokens import kv_limit_causal_append
 from ._library import op, qualname
-from .kvcache_dispatch import KERNEL_OP, attn_with_kvcache_cuda, kernel_registered
+from .kvcache_dispatch import attn_with_kvcache_cuda
 
 
 @torch.library.register_fake(qualname("attn_with_kvcache"))
@@ -23,26 +25,11 @@ def _attn_with_kvcache_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-@torch.library.register_fake(qualname("_attn_with_kvcache_check"))
-def _attn_with_kvcache_check_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx,
-                                  block_table, softmax_scale):
-    return None
-
-
-# The dedicated CUDA kernel's op (CUDA builds only; csrc/cuda/kvcache_op_cuda.cpp), same schema.
-if kernel_registered():
-
-    @torch.library.register_fake(qualname(KERNEL_OP))
-    def _attn_with_kvcache_cuda_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx,
-                                     block_table, softmax_scale):
-        return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-
-
-# CUDA: the composite of verified pieces, which hands the calls it covers to the dedicated kernel when
-# ISM_EXT_KVCACHE_KERNEL=1 (kvcache_dispatch.attn_with_kvcache_cuda), until that kernel has passed its GPU
-# tests and registers itself for ism::attn_with_kvcache from C++.
-if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname("attn_with_kvcache"), "CUDA"):
-    torch.library.impl(qualname("attn_with_kvcache"), "CUDA")(attn_with_kvcache_cuda)
+# The one CUDA implementation: the dispatcher, which runs the dedicated kernel (an internal op called only
+# there, so traced code never sees it and it needs no fake) when ism_ext.config has kvcache_kernel=True and
+# the kernel covers the call, else the composite of verified pieces. Its checks (the internal op
+# ism::_attn_with_kvcache_check) also run below the dispatcher, never traced.
+torch.library.impl(qualname("attn_with_kvcache"), "CUDA")(attn_with_kvcache_cuda)
 
 
 def attn_with_kvcache(
@@ -79,9 +66,9 @@ def attn_with_kvcache(
     Devices: the CPU kernel (float32, float16, bfloat16; head dims 1 to 256). On CUDA, a composite of
     verified pieces (`ism_ext.ops.kvcache_composite`): the same checks, an in-place copy of the new rows,
     then the CUDA prefill kernel over the cache rows (float16, bfloat16; head dims 64 and 128). With
-    ``ISM_EXT_KVCACHE_KERNEL=1`` the dedicated CUDA kernel (append and attention in one launch, split keys
-    for decode) runs the calls it covers instead; it has not run on a GPU yet. Every index value is checked
-    on every path (on CUDA through one copy of the index tensors to the host).
+    ``kvcache_kernel=True`` in ``ism_ext.config`` the dedicated CUDA kernel (append and attention in one
+    launch, split keys for decode) runs the calls it covers instead; it has not run on a GPU yet. Every
+    index value is checked on every path (on CUDA through one copy of the index tensors to the host).
 
     Returns the output `[B, Lq, Hq, D]` (and lse). Errors (ValueError/TypeError naming the argument) are raised
     before anything is written: appending past capacity, `kv_limit` outside `[0, cache_seqlens + Lq]`, a cache

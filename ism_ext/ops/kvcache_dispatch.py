@@ -1,45 +1,36 @@
 """The CUDA entry of ``ism::attn_with_kvcache``: the dedicated kernel when asked for, else the composite.
 
 The dedicated CUDA kernel (``ism::_attn_with_kvcache_cuda``, csrc/cuda/kvcache_*) is opt-in until its GPU
-tests pass: `attn_with_kvcache_cuda` runs it when ``ISM_EXT_KVCACHE_KERNEL=1`` (read at every call) and the
+tests pass: `attn_with_kvcache_cuda` runs it when the kernel configuration asks for it
+(``ism_ext.config``: ``kvcache_kernel``, default from ``ISM_EXT_KVCACHE_KERNEL``) and the
 call is one it covers (`kernel_fallback_reason`), and the composite of verified pieces
-(`kvcache_composite`) otherwise. `combine_partials` is the kernel's combine of split keys in torch, for the
-CPU tests.
+(`kvcache_composite`) otherwise.
 """
 
 from __future__ import annotations
 
-import os
-from collections import Counter
-
 import torch
 
-from ._library import op, qualname
+from ..config import get_kernel_config
+from ._library import CUDA_KERNEL_DTYPES, CUDA_KERNEL_HEAD_DIMS, op
 from .kvcache_composite import attn_with_kvcache_composite
 
-__all__ = ["KERNEL_ENV", "KERNEL_OP", "attn_with_kvcache_cuda", "combine_partials", "dispatch_counts",
+__all__ = ["KERNEL_OP", "attn_with_kvcache_cuda",
            "kernel_fallback_reason", "kernel_registered", "kernel_requested", "kernel_tensor_gap"]
 
-KERNEL_ENV = "ISM_EXT_KVCACHE_KERNEL"  # "1" (anything but unset, "" or "0"): run the dedicated CUDA kernel
 KERNEL_OP = "_attn_with_kvcache_cuda"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what csrc/cuda/static_switch.h compiles
-KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MIN_CAPABILITY = (8, 0)
 
-_dispatch: Counter[str] = Counter()
 
 
 def kernel_requested() -> bool:
-    """True when ``ISM_EXT_KVCACHE_KERNEL`` asks for the dedicated kernel (read now)."""
-    return os.environ.get(KERNEL_ENV, "") not in ("", "0")
+    """True when the kernel configuration (``ism_ext.config``) asks for the dedicated kernel."""
+    return get_kernel_config().kvcache_kernel
 
 
 def kernel_registered() -> bool:
-    """True when this build has the dedicated kernel (CUDA builds register ``ism::_attn_with_kvcache_cuda``)."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(KERNEL_OP), "CUDA")
-    except RuntimeError:  # the op does not exist: a CPU-only build
-        return False
+    """True when this build has the dedicated kernel (CUDA builds define ``ism::_attn_with_kvcache_cuda``)."""
+    return hasattr(torch.ops.ism, KERNEL_OP)
 
 
 def _vector_aligned(t: torch.Tensor) -> bool:
@@ -55,10 +46,10 @@ def kernel_tensor_gap(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k_cache, v_cache)):
         return "malformed arguments (the checks name them)"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} (the kernel runs float16 and bfloat16)"
-    if q.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (the kernel runs 64 and 128)"
+    if q.dtype not in CUDA_KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernel runs {', '.join(str(d) for d in CUDA_KERNEL_DTYPES)})"
+    if q.shape[-1] not in CUDA_KERNEL_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the kernel runs {', '.join(map(str, CUDA_KERNEL_HEAD_DIMS))})"
     if not (_vector_aligned(k_cache) and _vector_aligned(v_cache)):
         return "the caches are not 16-byte aligned with strides that are multiples of 8 elements"
     return None
@@ -67,7 +58,7 @@ def kernel_tensor_gap(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def kernel_fallback_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """None when the dedicated kernel runs this call, else why the composite runs it instead."""
     if not kernel_requested():
-        return f"{KERNEL_ENV} is not set"
+        return "the kernel configuration has kvcache_kernel=False"
     if not kernel_registered():
         return "this build has no CUDA KV-cache kernel"
     gap = kernel_tensor_gap(q, k_cache, v_cache)
@@ -79,11 +70,6 @@ def kernel_fallback_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if capability < KERNEL_MIN_CAPABILITY:
         return f"compute capability {capability[0]}.{capability[1]} (the kernel needs 8.0)"
     return None
-
-
-def dispatch_counts() -> dict[str, int]:
-    """How many calls of `attn_with_kvcache_cuda` in this process ran the ``"kernel"`` and the ``"composite"``."""
-    return {"kernel": _dispatch["kernel"], "composite": _dispatch["composite"]}
 
 
 def attn_with_kvcache_cuda(
@@ -98,7 +84,7 @@ def attn_with_kvcache_cuda(
     block_table: torch.Tensor | None,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA implementation of ``ism::attn_with_kvcache``: the dedicated kernel when ``ISM_EXT_KVCACHE_KERNEL``
+    """The CUDA implementation of ``ism::attn_with_kvcache``: the dedicated kernel when the kernel configuration
     asks for it and covers the call (`kernel_fallback_reason`), else the composite of verified pieces.
 
     Both run the op's checks before anything is written (the kernel op runs them itself, on one host copy of the
@@ -106,31 +92,5 @@ def attn_with_kvcache_cuda(
     """
     args = (q, k_cache, v_cache, k_new, v_new, cache_seqlens, kv_limit, cache_batch_idx, block_table, softmax_scale)
     if kernel_fallback_reason(q, k_cache, v_cache) is None:
-        _dispatch["kernel"] += 1
         return op(KERNEL_OP)(*args)
-    _dispatch["composite"] += 1
     return attn_with_kvcache_composite(*args)
-
-
-def combine_partials(out_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's combine of split keys (csrc/cuda/kvcache_combine_kernel.cuh) in torch, in float32.
-
-    ``out_parts [splits, rows, d]``: each chunk's normalised output; ``lse_parts [splits, rows]``: its natural-log
-    log-sum-exp (-inf where the chunk saw no key of the row). Returns ``(out [rows, d], lse [rows])`` with
-    ``lse = log sum_c exp(lse_c)`` and ``out = sum_c exp(lse_c - lse) out_c``, in the kernel's one pass with a
-    running maximum; a row no chunk saw gets 0 and -inf.
-    """
-    rows, dim = out_parts.shape[1:]
-    top = torch.full((rows,), -torch.inf)
-    total = torch.zeros(rows)
-    acc = torch.zeros(rows, dim)
-    for out_c, lse_c in zip(out_parts.float(), lse_parts.float(), strict=True):
-        seen = lse_c != -torch.inf
-        nxt = torch.where(seen, torch.maximum(top, lse_c), top)
-        keep = torch.where(seen, torch.exp(top - nxt), 1.0)
-        weight = torch.where(seen, torch.exp(lse_c - nxt), 0.0)
-        acc = acc * keep[:, None] + weight[:, None] * torch.where(seen[:, None], out_c, 0.0)
-        total = total * keep + weight
-        top = nxt
-    inv = torch.where(total > 0, 1.0 / total, 0.0)
-    return acc * inv[:, None], torch.where(total > 0, top + torch.log(total), -torch.inf)

@@ -51,6 +51,19 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(qualname("segment_attn_fwd"), _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "segment_attention: double backward is not supported (the gradient of the backward, as "
+        "autograd.grad(..., create_graph=True) followed by another backward asks for, is not implemented)"
+    )
+
+
+# Without an autograd formula, autograd would treat the backward op's outputs as constants and a second
+# backward would return zeros with only a generic warning; this makes it an error instead.
+torch.library.register_autograd(qualname("segment_attn_bwd"), _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def _fail(exc: type[Exception], msg: str):
     raise exc(f"segment_attention: {msg}")
 

@@ -113,8 +113,8 @@ def _preamble_end(tokenizer: Any, messages: Sequence[Mapping[str, Any]], kwargs:
     """Characters of the turn the template writes before the first message (0 if it writes none).
 
     That text is what two renderings of the first message with different contents share, up to the last
-    end-of-turn token in it. It is a turn only if it holds more than special tokens and spaces (a BOS
-    alone stays with the first message).
+    end-of-turn token in it and the whitespace the template writes after that token. It is a turn only if
+    it holds more than special tokens and spaces (a BOS alone stays with the first message).
     """
     eot = _end_of_turn_token(tokenizer, kwargs, special)
     if not eot:
@@ -125,7 +125,12 @@ def _preamble_end(tokenizer: Any, messages: Sequence[Mapping[str, Any]], kwargs:
     cut = common.rfind(eot)
     if cut < 0:
         return 0
-    preamble = common[: cut + len(eot)]
+    end = cut + len(eot)
+    # The glue the template writes after the turn (ChatML's newline) stays with it, as it does with an
+    # explicit system message (whose rendering ends with it): one layout whichever way the prompt came.
+    while end < len(common) and common[end].isspace():
+        end += 1
+    preamble = common[:end]
     words = special.sub("", preamble) if special is not None else preamble
     return len(preamble) if words.strip() else 0
 

@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck  python tests/cuda/hopper_sanitize_case.py
     compute-sanitizer --tool racecheck python tests/cuda/hopper_sanitize_case.py
 
-ISM_EXT_HOPPER_FWD=1 is set here. Small packed batches that still cover several query and key tiles
+hopper_fwd=True is set here (ism_ext.config). Small packed batches that still cover several query and key tiles
 (the K/V pipelines wrap around their stages), a partial last tile, rows read past a sequence's end, GQA,
 empty rows, more keys than queries, a negative scale (Q negated in shared memory), both dtypes and head
 dims. Checks every output against the float64 reference and that the Hopper kernel ran each time, so a
@@ -20,13 +20,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reference import make_case, reference_attention  # noqa: E402
 
-import ism_ext  # noqa: E402, F401
+import ism_ext  # noqa: E402
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def main() -> None:
-    os.environ["ISM_EXT_HOPPER_FWD"] = "1"
+    ism_ext.config.set_kernel_config(hopper_fwd=True)
     worst, runs = 0.0, 0
     failures = []
     for head_dim in (64, 128):

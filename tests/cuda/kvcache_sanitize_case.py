@@ -6,7 +6,8 @@
 Small calls that still cover both tilings (decode's group tile, the rows tile of a new segment), split keys
 with the combine and unsplit ones, contiguous caches with and without cache_batch_idx and paged caches (page
 sizes 16 and 48), empty rows and an empty cache, both dtypes and head dims. Every call goes through the
-dedicated kernel (the script sets ISM_EXT_KVCACHE_KERNEL=1 and checks that no call fell back), and prints the
+dedicated kernel (the script sets kvcache_kernel=True in ism_ext.config and checks that no call fell back),
+and prints the
 largest error against the float64 reference, so a run under the sanitizer is also a check.
 """
 
@@ -16,15 +17,15 @@ import os
 import random
 import sys
 
-os.environ["ISM_EXT_KVCACHE_KERNEL"] = "1"
-
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from cuda_utils import count_dispatch  # noqa: E402
 from reference import reference_attention  # noqa: E402
 
 import ism_ext  # noqa: E402
-from ism_ext.ops import kvcache_dispatch  # noqa: E402
+
+ism_ext.config.set_kernel_config(kvcache_kernel=True)
 
 # (batch, new rows, GQA group, longest cache, paged page size or None, cache_batch_idx)
 CASES = [(2, 1, 4, 150, None, False),   # decode, group tile, too few keys to split
@@ -76,16 +77,14 @@ def run_case(batch, lq, group, longest, page_size, use_idx, head_dim, dtype, see
 
 def main() -> None:
     worst, calls = 0.0, 0
-    before = kvcache_dispatch.dispatch_counts()
+    counts = count_dispatch(setattr)
     for head_dim in (64, 128):
         for dtype in (torch.bfloat16, torch.float16):
             for i, case in enumerate(CASES):
                 worst = max(worst, run_case(*case, head_dim, dtype, seed=100 * i + head_dim))
                 calls += 1
     torch.cuda.synchronize()
-    after = kvcache_dispatch.dispatch_counts()
-    assert after["kernel"] - before["kernel"] == calls and after["composite"] == before["composite"], \
-        f"some calls did not run on the kernel: {before} -> {after}"
+    assert counts == {"kernel": calls, "composite": 0}, f"some calls did not run on the kernel: {counts}"
     print(f"kvcache_sanitize_case: {calls} kernel calls; largest relative error {worst:.3g}")
     if worst > 3e-2:
         raise SystemExit(f"kvcache_sanitize_case: error {worst:.3g} above the bf16 tolerance")

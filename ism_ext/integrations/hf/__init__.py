@@ -10,9 +10,11 @@ Importing this package registers the attention implementation ``"ism"`` in trans
 
 `block_sequence_ids` follows transformers' convention (-1 = causal token, a contiguous run of one
 id >= 0 = one bidirectional block). It travels with the forward's keyword arguments to every attention
-layer (`attention.py`), which turns it, the padding and the packing into one varlen layout per forward
-(`layout.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
-`model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`).
+layer (`attention.py`), which turns it, the padding and the packing into one varlen packing per forward
+(`packing.py`). On the project's cache (`IsmCache`, `cache.py`) each layer appends and attends in one op call;
+`model.generate(..., block_sequence_ids=...)` works and uses that cache by default (`generation.py`, which
+wraps two private `GenerationMixin` methods for ``"ism"`` models only, and says why). No module-level state
+carries anything from one call to the next: see `attention.py`.
 
 Supported families: Llama, Qwen2, Qwen3, Mistral (full attention; sliding windows, logit softcapping
 and attention dropout are rejected with a clear error, never silently ignored).
@@ -21,15 +23,22 @@ and attention dropout are rejected with a clear error, never silently ignored).
 from .attention import (
     ATTN_IMPLEMENTATION,
     SUPPORTED_MODEL_TYPES,
-    SUPPORTED_TRANSFORMERS,
     IsmMask,
+    NewRows,
     ism_attention_forward,
     ism_mask_function,
     register,
 )
 from .cache import IsmCache
-from .generation import cache_argument_name, install, is_ism_model
-from .layout import PackedLayout, packed_layout, query_block_ids
+from .generation import (
+    CHECKED_TRANSFORMERS,
+    SUPPORTED_TRANSFORMERS,
+    cache_argument_name,
+    check_transformers_version,
+    install,
+    is_ism_model,
+)
+from .packing import VarlenPacking, query_block_ids, varlen_packing, varlen_packing_op
 from .patch import (
     APPLY_FUNCTIONS,
     apply_ism,
@@ -42,13 +51,16 @@ from .patch import (
 __all__ = [
     "APPLY_FUNCTIONS",
     "ATTN_IMPLEMENTATION",
+    "CHECKED_TRANSFORMERS",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_TRANSFORMERS",
     "IsmCache",
     "IsmMask",
-    "PackedLayout",
+    "NewRows",
+    "VarlenPacking",
     "apply_ism",
     "cache_argument_name",
+    "check_transformers_version",
     "install",
     "is_ism_model",
     "apply_ism_to_llama",
@@ -57,7 +69,8 @@ __all__ = [
     "apply_ism_to_qwen3",
     "ism_attention_forward",
     "ism_mask_function",
-    "packed_layout",
+    "varlen_packing_op",
+    "varlen_packing",
     "query_block_ids",
     "register",
 ]

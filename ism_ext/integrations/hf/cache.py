@@ -6,21 +6,24 @@ concatenated, so a decode step costs O(cache) and a new turn O(new tokens x cach
 
 How it meets transformers' protocol:
 
-* `update` does not append: it hands the new rows back unchanged, and the ``"ism"`` attention function
-  appends and attends through `attend`. The attention finds the cache through the mask object of the
-  forward: `get_mask_sizes` (which transformers calls before building the mask) leaves the cache for the
-  ``"ism"`` mask function to take. A model with another attention implementation never takes it, and its
-  `update` call raises instead of attending over the new rows only.
+* `update` does not append: it returns, as the key, a `NewRows` (this cache and the layer's new rows), which
+  transformers hands straight to the attention function; the ``"ism"`` attention appends and attends through
+  `attend`. Another attention implementation cannot use a `NewRows` as a tensor and gets a clear error
+  instead of attending over the new rows only. No state outside the call chain links the two.
 * Lengths are those of transformers' grid (padding included), so positions and padding masks line up with
   `generate`. Inside, every row stores only its real tokens: a left-padded row's cache starts at its first
   token, so ``kv_limit`` (which has no lower bound) never reaches a padding key.
 * Everything a forward could fail on (capacity, a bidirectional segment continued from the previous call,
   the model's layer count and sizes) is checked at its first layer, before anything is written.
+* A forward that fails after its first layer appended (an exception in a later layer) leaves its layers
+  uneven; the cache notices at its next use (`get_seq_length`, which every forward and `generate` step asks
+  first, `truncate`, `crop`, a new forward's plan) and rolls back to where that forward began. Nothing of
+  the cache runs after the last layer's attention, so a failure after it (last MLP, norm, head) leaves the
+  forward's rows appended in every layer: consistent, and `truncate` removes them.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,20 +32,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...cache import KVCache
 from ...masks import kv_limit_from_segment_ids
-from .layout import query_block_ids
+from .attention import NewRows
+from .packing import query_block_ids
 
-__all__ = ["IsmCache", "cache_being_masked"]
-
-# The cache whose mask sizes transformers asked for last: set by get_mask_sizes, taken by the mask function
-# of the same create_causal_mask call.
-_BEING_MASKED: ContextVar[IsmCache | None] = ContextVar("ism_cache_being_masked", default=None)
-
-
-def cache_being_masked() -> IsmCache | None:
-    """Takes (and clears) the `IsmCache` of the forward whose mask is being built, if any."""
-    cache = _BEING_MASKED.get()
-    _BEING_MASKED.set(None)
-    return cache
+__all__ = ["IsmCache"]
 
 
 class _IsmLayer(CacheLayerMixin):
@@ -140,7 +133,7 @@ class IsmCache(Cache):
         self._last_block = [-1] * batch_size  # block id of each row's last cached token (-1: causal or none)
         # Grid length at the end of every forward -> (real lengths, last block ids): where truncate may go.
         self._marks: dict[int, tuple[list[int], list[int]]] = {0: ([0] * batch_size, [-1] * batch_size)}
-        self._taken = False  # the "ism" mask function took this cache for the current forward
+        self._open_start: int | None = None  # grid length where the forward in progress began (None: none is)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, capacity: int, **kwargs: Any) -> IsmCache:
@@ -155,24 +148,18 @@ class IsmCache(Cache):
     # ------------------------------------------------------------------ transformers' protocol
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Returns the new rows unchanged: the ``"ism"`` attention appends them (`attend`)."""
-        if not self._taken:
-            raise RuntimeError(
-                "IsmCache works only with attn_implementation='ism' (its attention appends the keys/values in place); "
-                "this model uses another attention implementation: use transformers' DynamicCache with it"
-            )
-        return key_states, value_states
+        """Returns ``(NewRows(self, key_states), value_states)``: the ``"ism"`` attention appends them (`attend`)."""
+        return NewRows(self, key_states), value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Grid positions seen by ``layer_idx`` (padding included), as transformers counts them."""
+        self._settle()
         return self._grid[layer_idx] if 0 <= layer_idx < len(self._grid) else 0
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        """``(kv_length, 0)``; also leaves this cache for the ``"ism"`` mask function of this forward."""
+        """``(kv_length, 0)``: every key position of the forward, cached ones included."""
         if isinstance(query_length, torch.Tensor):  # older releases pass cache_position
             query_length = query_length.shape[0]
-        self._taken = False
-        _BEING_MASKED.set(self)
         return self.get_seq_length(layer_idx) + int(query_length), 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
@@ -183,12 +170,9 @@ class IsmCache(Cache):
         """Tokens a row can hold."""
         return self.kv.capacity
 
-    def take(self) -> None:
-        """Called by the ``"ism"`` mask function: this forward's attention appends through `attend`."""
-        self._taken = True
-
     def reset(self) -> None:
         """Empties every row."""
+        self._open_start = None
         self.kv.reset()
         batch = self.kv.batch_size
         self._grid = [0] * self.kv.num_layers
@@ -201,6 +185,10 @@ class IsmCache(Cache):
         ``length`` must be where an earlier forward ended (a chat round's end, a decode step); KVCache then
         refuses it if it would cut a bidirectional segment. Raises ValueError, changing nothing, otherwise.
         """
+        self._settle()
+        self._truncate(length)
+
+    def _truncate(self, length: int) -> None:
         if length not in self._marks:
             raise ValueError(f"IsmCache: truncate to {length}: not the end of a forward call; possible lengths are "
                              f"{sorted(self._marks)}")
@@ -217,6 +205,12 @@ class IsmCache(Cache):
             raise ValueError(f"IsmCache: crop takes 0 or a negative count, got {tokens_to_remove}")
         if tokens_to_remove < 0:
             self.truncate(self.get_seq_length() + tokens_to_remove)
+
+    def _settle(self) -> None:
+        """Rolls back a forward that began (its first layer appended) but never reached its last layer."""
+        if self._open_start is not None:
+            start, self._open_start = self._open_start, None
+            self._truncate(start)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Not supported (beam search): raises NotImplementedError."""
@@ -240,6 +234,7 @@ class IsmCache(Cache):
         another layer count, a row past capacity, or a bidirectional segment that would continue the previous
         call's last segment (a segment must be prefilled whole: its first tokens attend its last ones).
         """
+        self._settle()
         batch = self.kv.batch_size
         if num_layers != self.kv.num_layers:
             raise ValueError(f"IsmCache has {self.kv.num_layers} layers but the model has {num_layers}")
@@ -253,7 +248,9 @@ class IsmCache(Cache):
         ids = query_block_ids(block_sequence_ids, batch, q_len, kv_len, "cpu")
         lengths = self.kv.lengths(0)
         per_row = [self._row_plan(b, torch.nonzero(real[b]).flatten(), ids[b], lengths[b]) for b in range(batch)]
-        return self._group(per_row, q_len, lengths)
+        step = self._group(per_row, q_len, lengths)
+        self._open_start = self._grid[0]
+        return step
 
     def _row_plan(self, row: int, positions: torch.Tensor, ids: torch.Tensor, length: int) -> _RowPlan:
         """One row's new real tokens; raises for capacity or a continued segment."""
@@ -289,7 +286,7 @@ class IsmCache(Cache):
     def attend(self, layer_idx: int, step: _Step, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                softmax_scale: float | None) -> torch.Tensor:
         """Appends this layer's new keys/values and attends its queries: ``[B, H, q_len, D]`` in (transformers'
-        layout), ``[B, q_len, Hq, D]`` out; padding queries get 0."""
+        order), ``[B, q_len, Hq, D]`` out; padding queries get 0."""
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, q_len, H, D] views, no copy
         if step.dense:
             out = self.kv.append_and_attend(layer_idx, q, k, v, kv_limit=step.groups[0].kv_limit,
@@ -308,6 +305,8 @@ class IsmCache(Cache):
     def _advance(self, layer_idx: int, step: _Step) -> None:
         """One more forward seen by ``layer_idx``; layer 0 also records where a later truncate may go."""
         self._grid[layer_idx] += step.q_len
+        if all(g == self._grid[0] for g in self._grid):  # the last layer: the forward is complete
+            self._open_start = None
         if layer_idx == 0:
             self._last_block = list(step.last_block_after)
             self._marks[self._grid[0]] = (list(step.lengths_after), list(step.last_block_after))
