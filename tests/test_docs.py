@@ -71,12 +71,15 @@ def test_every_ism_ext_name_a_doc_gives_exists(doc):
 
 
 # docs/design.md, "Layers": a layer imports only the layers above it in this list.
-LAYERS = ["config", "masks", "ops", "turns", "cache", "integrations", "training", "inference", "cli"]
-LOWEST = {"viz": "cli", "perf": "cli"}  # the last row of the list: commands, pictures, the timer
+LAYERS = ["config", "perf", "masks", "ops", "turns", "cache", "integrations", "training", "integrations.trl",
+          "inference", "cli"]
+LOWEST = {"viz": "cli"}  # the last row of the list: commands and pictures
 
 
 def _layer(parts: tuple[str, ...]) -> str | None:
     name = parts[0].removesuffix(".py")
+    if name == "integrations" and len(parts) > 1 and parts[1].removesuffix(".py") == "trl":
+        return "integrations.trl"  # TRL's trainers build on the project's training layer
     return LOWEST.get(name, name) if LOWEST.get(name, name) in LAYERS else None
 
 
