@@ -28,6 +28,7 @@
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
 #include "query_tile_prologue.cuh"
+#include "score_tile.cuh"
 #include "smem_base.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
@@ -122,23 +123,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
   OnlineSoftmax<kMTiles, kSTiles, kOTiles> softmax;
-  // softmax_scale * log2(e), folded into the softmax's exp2 (online_softmax.cuh), which needs it
-  // positive. A negative scale is moved into Q: flipping the sign bits of both 16-bit halves is an
-  // exact negation in bf16 and fp16. A zero (or denormal) scale runs as 1e-30: every visible score
-  // times it rounds to 0 next to 1, so the probabilities are the same uniform ones, and -inf stays
-  // -inf (0 * -inf would be NaN).
-  constexpr float kLog2e = 1.4426950408889634f;
-  float scale_log2 = p.softmax_scale * kLog2e;
-  if (scale_log2 < 0.f) {
-    scale_log2 = -scale_log2;
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-      for (int kk = 0; kk < Kt::kQKSteps; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q_frag[mi][kk][i] ^= 0x80008000u;
-  }
-  scale_log2 = fmaxf(scale_log2, 1e-30f);
+  // softmax_scale * log2(e), folded into the softmax's exp2, which needs it positive: a negative
+  // scale negates Q instead, a zero one runs as a tiny positive one (online_softmax.cuh).
+  const float scale_log2 = positive_scale_log2(p.softmax_scale, [&] { negate_q_fragments(q_frag); });
 
   // Per-lane ldmatrix addresses of the key loop, formed for d chunk pair 0 of the tile; the chunk
   // pair `pair` is then one XOR away (Kt::chunk_pair_xor), and the next 16 keys one immediate
@@ -165,57 +152,12 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
     float s[kMTiles][kSTiles][4];
     warp_mma_regs_by_rows_t<Element, Rows>(s, q_frag, k_base);
 
-    // The mask, only on tiles some row cannot see entirely (block-uniform branch). Element e of
-    // n-tile nt is row g + 8 * (e / 2), key k0 + 8 nt + 2 t4 + e % 2. Keys past the tile's valid
-    // range are zeros in shared memory and always masked here: limit <= max_limit.
-    if (!key_tile_is_full(min_limit, k0, kBlockN)) {
-#pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + nt * 8 + 2 * t4 + (e % 2);
-            if (key >= row_limit[mi][e / 2]) s[mi][nt][e] = -INFINITY;
-          }
-    }
-
+    // The mask, only on tiles some row cannot see entirely (block-uniform branch). Keys past the
+    // tile's valid range are zeros in shared memory and always masked here: limit <= max_limit.
+    if (!key_tile_is_full(min_limit, k0, kBlockN)) mask_scores<Kt>(s, row_limit, k0, t4);
     softmax.update(s, o, scale_log2);
-
-    // P as the A operand of O += P V, without leaving the registers: the probabilities of two
-    // adjacent n8 tiles of S are exactly one k16 step's A fragment (accumulator and A fragments
-    // share the row / column-pair layout): a0 = tile 2kk rows g, a1 = tile 2kk rows g+8,
-    // a2 = tile 2kk+1 rows g, a3 = tile 2kk+1 rows g+8. Packed here so the floats die early.
-    uint32_t p_frag[kMTiles][Kt::kPVSteps][4];
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-        p_frag[mi][kk][0] = pack_float2<Element>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-        p_frag[mi][kk][1] = pack_float2<Element>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-        p_frag[mi][kk][2] = pack_float2<Element>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-        p_frag[mi][kk][3] = pack_float2<Element>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-      }
-    }
-
-    // O += P V. V is [key][d] in shared memory, row-major for B[k = key][n = d]: ldmatrix.trans
-    // gives the column-major fragment. One x4.trans covers 16 keys x 16 d: matrix 0 = keys 0-7 /
-    // d 0-7 (b0 of d-tile 2dp), 1 = keys 8-15 / d 0-7 (b1 of 2dp), 2 = keys 0-7 / d 8-15 (b0 of
-    // 2dp+1), 3 = keys 8-15 / d 8-15 (b1 of 2dp+1).
-#pragma unroll
-    for (int dp = 0; dp < kOTiles / 2; ++dp) {
-      const uint32_t v_addr = v_base ^ Kt::chunk_pair_xor(dp);
-#pragma unroll
-      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, v_addr + kk * 16 * Kt::kRowBytes);
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-          mma_m16n8k16<Element>(o[mi][2 * dp], p_frag[mi][kk], b[0], b[1]);
-          mma_m16n8k16<Element>(o[mi][2 * dp + 1], p_frag[mi][kk], b[2], b[3]);
-        }
-      }
-    }
+    // O += P V, P straight from the registers of S (score_tile.cuh).
+    accumulate_pv<Kt>(o, s, v_base);
   }
 
   // ---- 5. Epilogue. The output tile is staged in the Q buffer: each warp writes only its own rows,
