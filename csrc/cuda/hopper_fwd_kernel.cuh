@@ -148,7 +148,7 @@ struct WarpgroupSoftmax {
   }
 
   // After the last tile (online_softmax.cuh's row_normaliser): the factor that normalises row h and
-  // its natural-log lse; a row that saw nothing gets factor 0 (output 0) and lse -inf.
+  // its natural-log lse; a row that saw nothing gets factor 0 (output 0) and lse -inf, a NaN row NaN.
   __device__ __forceinline__ void finish(int h, float scale_log2, float& inv_sum, float& lse) const {
     row_normaliser(row_max[h], quad_sum(row_sum[h]), scale_log2, inv_sum, lse);
   }

@@ -30,8 +30,8 @@ __device__ __forceinline__ RowDest row_dest(const KVCacheKernelParams& p, const 
 // kGroup: the 4 warps each hold the softmax state of all 16 rows over their quarter of every key tile.
 // The states go through shared memory (s_merge, kMergeBytes, free once the key loop is over) and are
 // merged per row: weights exp2((max_w - max) * scale), sum and output the weighted sums. A row whose
-// warps all saw nothing gets output 0 and lse -inf (row_normaliser). Every thread calls it (one
-// barrier inside).
+// warps all saw nothing gets output 0 and lse -inf, a row with a NaN score NaN (row_normaliser: a
+// warp's NaN sum stays NaN under any weight, 0 included). Every thread calls it (one barrier inside).
 template <typename Kt, typename Softmax>
 __device__ __forceinline__ void merge_warps_and_store(const Softmax& softmax, const float (&o)[1][Kt::kOTiles][4],
                                                       float scale_log2, float* s_merge, const KVCacheKernelParams& p,

@@ -10,6 +10,9 @@
 // -inf * scale_log2 stays -inf; positive_scale_log2() below gives it to every kernel (a negative scale
 // negates Q instead, a zero scale runs as a tiny positive one). The running max is kept in the raw
 // domain.
+//
+// NaN in, NaN out: fmaxf drops a NaN score from the running max, but its exp2 is NaN, so the row's
+// sum and output become NaN and row_normaliser() passes it on to the output and the lse.
 #pragma once
 
 #include <cmath>
@@ -50,11 +53,13 @@ __device__ __forceinline__ void negate_q_fragments(uint32_t (&q_frag)[kRowBlocks
 }
 
 // A finished row: from its raw max and its sum of exp2 terms, the factor that normalises its output
-// and its natural-log lse. A row that saw nothing (sum 0) gets factor 0 (output 0, never 0/0) and
-// lse -inf.
+// and its natural-log lse. A row that saw no key has a sum of exactly 0 (every exp2 of -inf is +0):
+// factor 0 (output 0, never 0/0) and lse -inf. Any other sum is at least 1 (the max's own term is
+// exp2(0)) or NaN, where a NaN reached the scores; 1 / NaN and log2(NaN) then carry it to the output
+// and the lse. Hence `sum == 0`, never `sum > 0`, which would turn a NaN row into an empty one.
 __device__ __forceinline__ void row_normaliser(float raw_max, float sum, float scale_log2, float& inv_sum,
                                                float& lse) {
-  const bool empty = !(sum > 0.f);
+  const bool empty = sum == 0.f;
   inv_sum = empty ? 0.f : 1.f / sum;
   lse = empty ? -INFINITY : fmaf(raw_max, scale_log2, log2f(sum)) * kLn2;
 }
@@ -128,7 +133,7 @@ struct OnlineSoftmax {
   }
 
   // After the last tile: the factor that normalises row (mi, h) and its natural-log lse
-  // (row_normaliser: an empty row gets output 0 and lse -inf).
+  // (row_normaliser: an empty row gets output 0 and lse -inf, a NaN row NaN).
   __device__ __forceinline__ void finish(int mi, int h, float scale_log2, float& inv_sum, float& lse) const {
     row_normaliser(row_max[mi][h], quad_sum(row_sum[mi][h]), scale_log2, inv_sum, lse);
   }
