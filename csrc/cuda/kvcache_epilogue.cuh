@@ -110,36 +110,30 @@ __device__ __forceinline__ void store_rows_of_warps(const Softmax& softmax,
                                                     typename Kt::Element* sQ, const KVCacheKernelParams& p,
                                                     const KVCacheBlock& b) {
   using Element = typename Kt::Element;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, t4 = lane % 4;
   const bool split = p.num_splits > 1;
   __syncwarp();
+  softmax.for_each_finished_row(warp * Kt::kWarpRows, lane, scale_log2,
+                                [&](int mi, int h, int row, float inv_sum, float lse) {
+    if (!split) {
 #pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float inv_sum, lse;
-      softmax.finish(mi, h, scale_log2, inv_sum, lse);
-      const int row = warp * Kt::kWarpRows + mi * 16 + g + 8 * h;
-      if (!split) {
-#pragma unroll
-        for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-          *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
-              pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-        }
+      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+            pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
       }
-      if (row >= b.rows) continue;
-      const RowDest dest = row_dest(p, b, row);
-      if (split) {
-        float* part = p.out_partial + dest.part * p.head_dim + 2 * t4;
-#pragma unroll
-        for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-          *reinterpret_cast<float2*>(part + dt * 8) =
-              make_float2(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-        }
-      }
-      if (t4 == 0) (split ? p.lse_partial[dest.part] : p.lse[dest.lse]) = lse;
     }
-  }
+    if (row >= b.rows) return;
+    const RowDest dest = row_dest(p, b, row);
+    if (split) {
+      float* part = p.out_partial + dest.part * p.head_dim + 2 * t4;
+#pragma unroll
+      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+        *reinterpret_cast<float2*>(part + dt * 8) =
+            make_float2(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
+      }
+    }
+    if (t4 == 0) (split ? p.lse_partial[dest.part] : p.lse[dest.lse]) = lse;
+  });
   if (split) return;  // block-uniform
   __syncthreads();
   constexpr int kRowsPerPass = Kt::kNThreads / Kt::kChunks;

@@ -137,6 +137,21 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void finish(int mi, int h, float scale_log2, float& inv_sum, float& lse) const {
     row_normaliser(row_max[mi][h], quad_sum(row_sum[mi][h]), scale_log2, inv_sum, lse);
   }
+
+  // The epilogues' walk over this thread's rows: f(mi, h, row, inv_sum, lse) for row block mi, half h,
+  // with `row` counted in the tile (the warp's rows start at warp_row0) and the row's finish().
+  template <typename F>
+  __device__ __forceinline__ void for_each_finished_row(int warp_row0, int lane, float scale_log2, F&& f) const {
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float inv_sum, lse;
+        finish(mi, h, scale_log2, inv_sum, lse);
+        f(mi, h, warp_row0 + mi * 16 + lane / 4 + 8 * h, inv_sum, lse);
+      }
+    }
+  }
 };
 
 }  // namespace ism::cuda

@@ -49,34 +49,27 @@ __device__ __forceinline__ void store_delta_rows(const Softmax& softmax, const f
                                                  float scale_log2, const SegmentAttnBwdParams& p, const QueryTile& tile,
                                                  int warp_row0, int lane) {
   using Element = typename Kt::Element;
-  const int g = lane / 4, t4 = lane % 4;
+  const int t4 = lane % 4;
+  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float) {
+    const bool valid = row < tile.rows;  // the same on the 4 lanes of the quad
+    float dot = 0.f;
+    if (valid) {
+      const Element* dout = static_cast<const Element*>(p.dout) +
+                            static_cast<int64_t>(tile.q_row0 + row) * p.dout_row_stride +
+                            static_cast<int64_t>(tile.head) * p.dout_head_stride + 2 * t4;
 #pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float inv_sum, lse;
-      softmax.finish(mi, h, scale_log2, inv_sum, lse);
-      const int row = warp_row0 + mi * 16 + g + 8 * h;
-      const bool valid = row < tile.rows;  // the same on the 4 lanes of the quad
-      float dot = 0.f;
-      if (valid) {
-        const Element* dout = static_cast<const Element*>(p.dout) +
-                              static_cast<int64_t>(tile.q_row0 + row) * p.dout_row_stride +
-                              static_cast<int64_t>(tile.head) * p.dout_head_stride + 2 * t4;
-#pragma unroll
-        for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-          const float2 d = unpack_float2<Element>(*reinterpret_cast<const uint32_t*>(dout + dt * 8));
-          dot = fmaf(o[mi][dt][2 * h] * inv_sum, d.x, fmaf(o[mi][dt][2 * h + 1] * inv_sum, d.y, dot));
-        }
-      }
-      dot = quad_sum(dot);
-      if (t4 == 0 && valid) {
-        const int64_t at = static_cast<int64_t>(tile.head) * p.total_q + tile.q_row0 + row;
-        const int64_t lse_at = static_cast<int64_t>(tile.head) * p.lse_head_stride + tile.q_row0 + row;
-        p.softmax_delta[at] = dot - (p.dlse ? p.dlse[lse_at] : 0.f);
+      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+        const float2 d = unpack_float2<Element>(*reinterpret_cast<const uint32_t*>(dout + dt * 8));
+        dot = fmaf(o[mi][dt][2 * h] * inv_sum, d.x, fmaf(o[mi][dt][2 * h + 1] * inv_sum, d.y, dot));
       }
     }
-  }
+    dot = quad_sum(dot);
+    if (t4 == 0 && valid) {
+      const int64_t at = static_cast<int64_t>(tile.head) * p.total_q + tile.q_row0 + row;
+      const int64_t lse_at = static_cast<int64_t>(tile.head) * p.lse_head_stride + tile.q_row0 + row;
+      p.softmax_delta[at] = dot - (p.dlse ? p.dlse[lse_at] : 0.f);
+    }
+  });
 }
 
 // The forward's epilogue: O normalised and staged in the Q buffer (each warp writes only its own rows,
@@ -89,25 +82,18 @@ __device__ __forceinline__ void store_out_and_lse(const Softmax& softmax, const 
                                                   int tid) {
   using Element = typename Kt::Element;
   const int head = tile.head, q_row0 = tile.q_row0, rows = tile.rows;
-  const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int lane = tid % 32, t4 = lane % 4;
   __syncwarp();
   float* lse_ptr = p.lse + static_cast<int64_t>(head) * p.lse_head_stride + q_row0;
+  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float lse) {
 #pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float inv_sum, lse;
-      softmax.finish(mi, h, scale_log2, inv_sum, lse);
-      const int row = warp_row0 + mi * 16 + g + 8 * h;
-#pragma unroll
-      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-        // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
-        *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
-            pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-      }
-      if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+    for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+      // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
+      *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+          pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
     }
-  }
+    if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+  });
   __syncthreads();
   Element* out_ptr = static_cast<Element*>(p.out) + static_cast<int64_t>(q_row0) * p.out_row_stride +
                      static_cast<int64_t>(head) * p.out_head_stride;
