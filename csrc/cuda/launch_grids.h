@@ -39,9 +39,8 @@ constexpr FwdGrid fwd_grid(const SegmentAttnFwdParams& p) {
 struct BwdGrid {
   int64_t q_tiles;         // query tiles of DkdvShape::kBlockM rows in the longest sequence
                            // (params.q_tiles_stride: the pre-pass's tiles and the bounds workspace)
-  int64_t delta_blocks;    // delta pass: the forward's grid (fwd_grid), one per (query tile, head, sequence)
-  int64_t prepass_blocks;  // bounds pre-pass x: (query tile, sequence)
-  int64_t prepass_heads;   // its y: 1 (the bounds are per tile, not per head)
+  int64_t prepass_blocks;  // pre-pass x: (query tile, sequence); y is the h_q query heads
+  int64_t prepass_heads;
   int64_t dkdv_blocks;     // one per (key tile, K/V head, sequence), flattened into x
   int64_t dq_blocks;       // deterministic dQ kernel: one per (query tile, query head, sequence)
 };
@@ -50,9 +49,8 @@ template <typename DkdvShape, typename DqShape>
 constexpr BwdGrid bwd_grid(const SegmentAttnFwdParams& p) {
   BwdGrid grid{};
   grid.q_tiles = ceil_div(p.max_seqlen_q, DkdvShape::kBlockM);
-  grid.delta_blocks = fwd_grid<DkdvShape::kHeadDim>(p).blocks;
   grid.prepass_blocks = grid.q_tiles * p.batch;
-  grid.prepass_heads = 1;
+  grid.prepass_heads = p.h_q;
   grid.dkdv_blocks = ceil_div(p.max_seqlen_k, DkdvShape::kBlockN) * p.h_kv * p.batch;
   grid.dq_blocks = ceil_div(p.max_seqlen_q, DqShape::kBlockM) * p.h_q * p.batch;
   return grid;

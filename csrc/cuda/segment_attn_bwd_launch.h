@@ -8,18 +8,16 @@
 
 #include "../ism_params.h"
 #include "bwd_kernel_traits.h"
-#include "fwd_kernel_traits.h"
 #include "launch_grids.h"
 #include "launch_utils.h"
 #include "segment_attn_bwd.h"
 #include "segment_attn_bwd_dkdv_kernel.cuh"
 #include "segment_attn_bwd_dq_kernel.cuh"
 #include "segment_attn_bwd_prepass.cuh"
-#include "segment_attn_fwd_kernel.cuh"
 
 namespace ism::cuda {
 
-// The delta pass and the bounds pre-pass, then the dK/dV kernel (and atomic dQ) of the kTiles traits.
+// The pre-pass, then the dK/dV kernel (and atomic dQ) of the kTiles traits.
 template <int kHeadDim, typename Element, BwdTiles kTiles>
 cudaError_t launch_segment_attn_bwd_dkdv(const SegmentAttnBwdParams& params, const BwdGrid& grid,
                                          bool deterministic, cudaStream_t stream) {
@@ -27,21 +25,9 @@ cudaError_t launch_segment_attn_bwd_dkdv(const SegmentAttnBwdParams& params, con
   cudaError_t err;
   assert(grid.prepass_blocks <= kMaxGridX && grid.prepass_heads <= kMaxGridY && grid.dkdv_blocks <= kMaxGridX);
 
-  // delta = rowsum(dO * O) - dlse from the float32 O: the forward kernel once more, on the forward's
-  // grid, with the delta epilogue (segment_attn_fwd_kernel.cuh). Its grid is the forward's, which the
-  // forward call checked; a direct backward call past it gets an error, not a launch.
-  if (grid.delta_blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
-  if (grid.delta_blocks > 0) {
-    using Fwd = FwdKernelTraits<kHeadDim, Element>;
-    auto kernel = &segment_attn_fwd_kernel<Fwd, /*kDelta=*/true, SegmentAttnBwdParams>;
-    if ((err = allow_dynamic_smem(kernel, Fwd::kSmemBytes)) != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(grid.delta_blocks), Fwd::kNThreads, Fwd::kSmemBytes, stream>>>(params);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-
-  // Bounds pre-pass: (query tile, sequence) in x; its query tiles are the dK/dV kernel's.
+  // Pre-pass: (query tile, sequence) in x, query head in y; its query tiles are the dK/dV kernel's.
   if (grid.prepass_blocks > 0) {
-    segment_attn_bwd_bounds_kernel<Dkdv::kBlockM>
+    segment_attn_bwd_prepass_kernel<kHeadDim, Element, Dkdv::kBlockM>
         <<<dim3(static_cast<unsigned>(grid.prepass_blocks), static_cast<unsigned>(grid.prepass_heads)),
            kPrepassThreads, 0, stream>>>(params);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -13,12 +13,6 @@
 //      registers into the A operand of O += P V (V by ldmatrix.trans).
 //   5. O is normalised, staged through shared memory and written with 16-byte stores; lse once.
 //
-// The backward runs the same kernel once more as its delta pass (kDelta = true, on the forward's grid;
-// segment_attn_bwd_launch.h), whose epilogue writes delta = rowsum(dO * O) - dlse from the float32 O
-// (the values the forward normalises before rounding them to its 16-bit output) instead of storing O
-// and lse: a delta from the rounded output cancels against dP where one key takes nearly all of a
-// row's weight, and the gradients lose most of their digits (docs/cuda_kernels.md, "Delta pass").
-//
 // The caller's contract on index values (not checked on the host, which would need a device sync):
 // cu_seqlens non-decreasing from 0 to total, kv_limit in [0, seqlen_k], max_seqlen_q >= the longest
 // query sequence. The kernel clamps cu_seqlens into [0, total] and kv_limit into [0, seqlen_k], so
@@ -41,70 +35,8 @@
 
 namespace ism::cuda {
 
-// delta[head][row] = rowsum(dO * O) - dlse of the rows (mi, h) of this thread, from the float32 O
-// (o * inv_sum); dO comes straight from global memory. Thread (g, t4) holds columns 8 dt + 2 t4 and
-// + 1 of its rows, the quad holds a whole row: a quad sum, one store per row.
-template <typename Kt, typename Softmax>
-__device__ __forceinline__ void store_delta_rows(const Softmax& softmax, const float (&o)[Kt::kMTiles][Kt::kOTiles][4],
-                                                 float scale_log2, const SegmentAttnBwdParams& p, const QueryTile& tile,
-                                                 int warp_row0, int lane) {
-  using Element = typename Kt::Element;
-  const int t4 = lane % 4;
-  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float) {
-    const bool valid = row < tile.rows;  // the same on the 4 lanes of the quad
-    float dot = 0.f;
-    if (valid) {
-      const Element* dout = static_cast<const Element*>(p.dout) +
-                            static_cast<int64_t>(tile.q_row0 + row) * p.dout_row_stride +
-                            static_cast<int64_t>(tile.head) * p.dout_head_stride + 2 * t4;
-#pragma unroll
-      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-        const float2 d = unpack_float2<Element>(*reinterpret_cast<const uint32_t*>(dout + dt * 8));
-        dot = fmaf(o[mi][dt][2 * h] * inv_sum, d.x, fmaf(o[mi][dt][2 * h + 1] * inv_sum, d.y, dot));
-      }
-    }
-    dot = quad_sum(dot);
-    if (t4 == 0 && valid) {
-      const int64_t at = static_cast<int64_t>(tile.head) * p.total_q + tile.q_row0 + row;
-      const int64_t lse_at = static_cast<int64_t>(tile.head) * p.lse_head_stride + tile.q_row0 + row;
-      p.softmax_delta[at] = dot - (p.dlse ? p.dlse[lse_at] : 0.f);
-    }
-  });
-}
-
-// The forward's epilogue: O normalised and staged in the Q buffer (each warp writes only its own rows,
-// which only it has read, ldmatrix of Q, so a warp barrier orders the two), then written with 16-byte
-// stores; lse once per row.
-template <typename Kt, typename Softmax>
-__device__ __forceinline__ void store_out_and_lse(const Softmax& softmax, const float (&o)[Kt::kMTiles][Kt::kOTiles][4],
-                                                  float scale_log2, const SegmentAttnFwdParams& p,
-                                                  const QueryTile& tile, typename Kt::Element* sQ, int warp_row0,
-                                                  int tid) {
-  using Element = typename Kt::Element;
-  const int head = tile.head, q_row0 = tile.q_row0, rows = tile.rows;
-  const int lane = tid % 32, t4 = lane % 4;
-  __syncwarp();
-  float* lse_ptr = p.lse + static_cast<int64_t>(head) * p.lse_head_stride + q_row0;
-  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float lse) {
-#pragma unroll
-    for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-      // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
-      *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
-          pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-    }
-    if (t4 == 0 && row < rows) lse_ptr[row] = lse;
-  });
-  __syncthreads();
-  Element* out_ptr = static_cast<Element*>(p.out) + static_cast<int64_t>(q_row0) * p.out_row_stride +
-                     static_cast<int64_t>(head) * p.out_head_stride;
-  store_tile<Kt, Kt::kBlockM>(sQ, out_ptr, p.out_row_stride, rows, tid);
-}
-
-// One query tile: steps 1-5 above. kDelta: the backward's delta pass (segment_attn_bwd_launch.h),
-// whose epilogue writes delta instead of O and lse; Params is then SegmentAttnBwdParams, whose
-// forward part describes the same call.
-template <typename Kt, bool kDelta = false, typename Params = SegmentAttnFwdParams>
-__global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const Params p) {
+template <typename Kt>
+__global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const SegmentAttnFwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Element = typename Kt::Element;
   using Rows = typename Kt::Rows;
@@ -228,12 +160,23 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const P
     accumulate_pv<Kt>(o, s, v_base);
   }
 
-  // ---- 5. Epilogue.
-  if constexpr (kDelta) {
-    store_delta_rows<Kt>(softmax, o, scale_log2, p, tile, warp_row0, lane);
-  } else {
-    store_out_and_lse<Kt>(softmax, o, scale_log2, p, tile, sQ, warp_row0, tid);
-  }
+  // ---- 5. Epilogue. The output tile is staged in the Q buffer: each warp writes only its own rows,
+  // which only it has read (ldmatrix of Q above), so a warp barrier orders the two.
+  __syncwarp();
+  float* lse_ptr = p.lse + static_cast<int64_t>(head) * p.lse_head_stride + q_row0;
+  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float lse) {
+#pragma unroll
+    for (int dt = 0; dt < kOTiles; ++dt) {
+      // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
+      *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+          pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
+    }
+    if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+  });
+  __syncthreads();
+  Element* out_ptr = static_cast<Element*>(p.out) + static_cast<int64_t>(q_row0) * p.out_row_stride +
+                     static_cast<int64_t>(head) * p.out_head_stride;
+  store_tile<Kt, kBlockM>(sQ, out_ptr, p.out_row_stride, rows, tid);
 #else
   // The data path needs sm_80 (cp.async, bf16 mma); the host refuses older devices before launch.
   __trap();

@@ -26,11 +26,10 @@ constexpr ism::SegmentAttnFwdParams sample_params() {
 static_assert(fwd_grid<64>(sample_params()).blocks == 8 * 8 * 2);
 static_assert(fwd_grid<128>(sample_params()).blocks == 16 * 8 * 2);
 
-// Backward, big dK/dV tiles of d = 64: 128-row query tiles, 128-key tiles; the delta pass is the
-// forward's grid, the bounds pre-pass one block per (query tile, sequence).
+// Backward, big dK/dV tiles of d = 64: 128-row query tiles, 128-key tiles; the pre-pass one block per
+// (query tile, sequence) and query head.
 constexpr BwdGrid kBig64 = bwd_grid<BwdDkDvShape<64>, BwdDqShape<64>>(sample_params());
-static_assert(kBig64.q_tiles == 8 && kBig64.prepass_blocks == 16 && kBig64.prepass_heads == 1);
-static_assert(kBig64.delta_blocks == fwd_grid<64>(sample_params()).blocks);
+static_assert(kBig64.q_tiles == 8 && kBig64.prepass_blocks == 16 && kBig64.prepass_heads == 8);
 static_assert(kBig64.dkdv_blocks == 6 * 2 * 2 && kBig64.dq_blocks == 16 * 8 * 2);
 
 }  // namespace
@@ -42,6 +41,6 @@ int64_t launch_grid_blocks(const ism::SegmentAttnFwdParams& p) {
                            bwd_grid<BwdDkDvShape<128>, BwdDqShape<128>>(p),
                            bwd_grid<BwdDkDvSmallShape<64>, BwdDqShape<64>>(p),
                            bwd_grid<BwdDkDvSmallShape<128>, BwdDqShape<128>>(p)};
-  for (const BwdGrid& g : grids) blocks += g.delta_blocks + g.prepass_blocks + g.dkdv_blocks + g.dq_blocks;
+  for (const BwdGrid& g : grids) blocks += g.prepass_blocks + g.dkdv_blocks + g.dq_blocks;
   return blocks;
 }
