@@ -34,9 +34,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# nvcc compile check of every .cu file for sm_80 and sm_90a, with the -Xptxas -v report (no GPU needed).
+# nvcc compile check of every .cu file for sm_80 and sm_90a, with the -Xptxas -v report, and a syntax
+# check of the host .cpp files of csrc/cuda against the torch headers of $(PY) (no GPU needed).
 cuda-check:
-	cmake -S . -B build/cuda-check -DISM_WITH_TORCH=OFF >/dev/null
+	cmake -S . -B build/cuda-check -DISM_WITH_TORCH=OFF -DISM_PYTHON=$(abspath $(PY)) >/dev/null
 	cmake --build build/cuda-check --target cuda_compile_check
 
 bench: $(STAMP)

@@ -6,7 +6,8 @@ Environment switches:
                           e.g. "9.0a" for Hopper or "8.0;9.0a"
   CUTLASS_INCLUDE_DIR     the CUTLASS/CuTe headers (the folder that holds cute/ and cutlass/); without
                           it they are looked for in the installed `nvidia-cutlass` package
-                          (cutlass_library/source/include). The CI build needs neither.
+                          (cutlass_library/source/include; tools/find_cutlass.py, which CMake runs
+                          too). The CI build needs neither.
   MAX_JOBS                parallel compile jobs (ninja)
 
 The Hopper forward kernel (csrc/cuda/hopper_*.cu: TMA, wgmma, warp specialisation) is compiled only
@@ -17,7 +18,6 @@ and the FA2-class kernel serves every GPU as before.
 """
 
 import glob
-import importlib.util
 import os
 import re
 import sys
@@ -27,6 +27,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from find_cutlass import cutlass_include  # noqa: E402  (the CUTLASS search CMakeLists.txt runs too)
 
 
 def _want_cuda() -> bool:
@@ -40,20 +42,6 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
-def _cutlass_include() -> str | None:
-    """The CUTLASS include folder (holding cute/tensor.hpp), or None when there is none."""
-    candidates = []
-    if os.environ.get("CUTLASS_INCLUDE_DIR"):
-        candidates.append(os.environ["CUTLASS_INCLUDE_DIR"])
-    spec = importlib.util.find_spec("cutlass_library")  # the nvidia-cutlass wheel; not imported
-    if spec is not None and spec.origin:
-        candidates.append(os.path.join(os.path.dirname(spec.origin), "source", "include"))
-    for path in candidates:
-        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
-            return os.path.abspath(path)
-    return None
-
-
 def _arch_list_has_sm90a() -> bool:
     """True when TORCH_CUDA_ARCH_LIST names 9.0a ("9.0a", "9.0a+PTX", among others split by ; or space)."""
     archs = re.split(r"[;\s]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())
@@ -63,7 +51,7 @@ def _arch_list_has_sm90a() -> bool:
 def _hopper_sources() -> tuple[list[str], list[str]]:
     """(sources, flags) of the Hopper forward kernel for this build: both empty when it is left out."""
     cu = _sources("csrc/cuda/hopper_*.cu")
-    include = _cutlass_include()
+    include = cutlass_include()
     if not _arch_list_has_sm90a():
         print("ism_ext: Hopper forward kernel not built: TORCH_CUDA_ARCH_LIST does not name 9.0a "
               f"({os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')!r}); e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0a'")
@@ -85,8 +73,7 @@ def _abi_flag() -> list[str]:
 
 
 def _extension():
-    # The Hopper kernel's plan as test ops (plain C++, no CUDA): in every build, CPU-only ones too.
-    cpp = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/cuda/hopper_fwd_plan_op.cpp")
+    cpp = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-std=c++17", *_abi_flag()]
     if sys.platform != "darwin":
         # at::parallel_for is a header template that opens an OpenMP region in the caller's object

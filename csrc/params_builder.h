@@ -11,8 +11,26 @@
 
 namespace ism {
 
+// The DType of a floating-point scalar type the params structs can carry, or none: the one mapping
+// from torch's dtypes to the kernels' (the CUDA ops' support check reads it too, cuda_op_utils.cpp).
+inline std::optional<DType> float_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The DType of inputs the argument checks accepted (float16, bfloat16 or float32).
 inline DType to_dtype(at::ScalarType t) {
-  return t == at::kHalf ? DType::kFloat16 : (t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
+  const std::optional<DType> dtype = float_dtype(t);
+  TORCH_INTERNAL_ASSERT(dtype.has_value(), "no kernel dtype for ", t, " (the argument checks refuse it)");
+  return *dtype;
 }
 
 inline SegmentAttnFwdParams make_fwd_params(const AttnShape& s, const at::Tensor& q, const at::Tensor& k,

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from reference import Case, make_case
+from reference import Case, assert_close_scaled, make_case
 
 DEV = "cuda"
 
@@ -52,6 +52,18 @@ def assert_lse_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, 
         err = (actual[~empty] - expected[~empty]).abs().max().item()
         scale = max(1.0, expected[~empty].abs().max().item())
         assert err <= atol * scale, f"{what}: max abs error {err:.3g} > {atol * scale:.3g}"
+
+
+def assert_nan_where_reference(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    """NaN in, NaN out: `actual` is NaN exactly where the float64 reference is (which must hold some), -inf
+    exactly where it is, and every other element within atol relative to max(1, |reference|)."""
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    nan, neg_inf = torch.isnan(expected), torch.isneginf(expected)
+    assert nan.any(), f"{what}: the case must give the reference a NaN"
+    assert torch.equal(torch.isnan(actual), nan), f"{what}: NaN must be exactly where the reference has it"
+    assert torch.equal(torch.isneginf(actual), neg_inf), f"{what}: -inf must be exactly where the reference has it"
+    rest = ~nan & ~neg_inf
+    assert_close_scaled(actual[rest], expected[rest], atol, what)
 
 
 def bwd_tile_launches() -> dict[str, int]:

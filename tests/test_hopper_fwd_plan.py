@@ -1,6 +1,6 @@
 """The Hopper forward kernel's plan, on the CPU: the C++ the kernel takes its decisions from
 (csrc/cuda/hopper_fwd_plan.h), run through ism._hopper_fwd_plan / _hopper_fwd_loads /
-_hopper_fwd_pingpong, which every build has (CPU-only ones too).
+_hopper_fwd_pingpong: test-only ops (tests/cpp/hopper_fwd_plan_op.cpp) compiled on first use, on any build.
 
 - The tile rule: against the dense mask of random layouts (every scheme, varlen batches, more keys than
   queries, GQA, lengths on the 128-row/128-key tile edges), each block visits every key tile that holds
@@ -17,13 +17,26 @@ _hopper_fwd_pingpong, which every build has (CPU-only ones too).
 
 from __future__ import annotations
 
+import pathlib
 import random
 
 import pytest
 import torch
 from reference import make_case
+from torch.utils.cpp_extension import load
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plan_ops():
+    """Compiles and loads the test-only plan ops once per session (they register into torch.ops.ism)."""
+    if not hasattr(torch.ops.ism, "_hopper_fwd_plan"):
+        load(name="ism_ext_hopper_plan_test_ops", sources=[str(ROOT / "tests" / "cpp" / "hopper_fwd_plan_op.cpp")],
+             extra_include_paths=[str(ROOT / "csrc" / "cuda"), str(ROOT / "csrc")], extra_cflags=["-O2", "-std=c++17"],
+             is_python_module=False, verbose=False)
 
 BLOCK_M = BLOCK_N = 128
 FIELDS = ["block", "m_tile", "head", "seq", "kv_head", "q_row0", "rows", "min_limit", "max_limit", "n_tiles",

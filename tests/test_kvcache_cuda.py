@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from cuda_utils import DEV, count_dispatch, cuda_marks, poison_allocator
+from cuda_utils import DEV, assert_nan_where_reference, count_dispatch, cuda_marks, poison_allocator
 from reference import assert_close_scaled, reference_attention
 
 import ism_ext
@@ -163,6 +163,7 @@ class KvCase:
             self.exp_k[i, n:n + lq], self.exp_v[i, n:n + lq] = self.k_new[i], self.v_new[i]
         keys = [self.exp_k[i, :n + lq] for i, n in enumerate(self.lens.tolist())]
         values = [self.exp_v[i, :n + lq] for i, n in enumerate(self.lens.tolist())]
+        self.keys, self.values = keys, values
         self.ref_out, self.ref_lse = _reference(self.q, keys, values, self.lim, head_dim**-0.5)
         self.kwargs, self.k_cache, self.v_cache = {}, contig_k, contig_v
         if layout == "batch_idx":  # sequence i in row perm[i] of a larger cache, the other rows untouched
@@ -242,6 +243,24 @@ def test_kernel_splits_the_keys_of_long_caches(lq, group, kind, layout, dtype, k
     case = KvCase(b=2, lq=lq, hkv=2, group=group, head_dim=128, dtype=dtype, cap=8192, layout=layout, kind=kind,
                   seed=lq + group, lens=[8192 - lq - 5, 3000])
     case.check(*case.run())
+    kernel(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("lq", "group", "cap", "lens"), [(1, 4, 512, None), (70, 1, 512, None),
+                                                         (1, 8, 8192, [8192 - 6, 3000])])
+def test_kernel_nan_in_a_query_row_gives_a_nan_row(lq, group, cap, lens, dtype, kernel):
+    # NaN in, NaN out (issue 27, item 5) on each path of the kernel: the group tile of a decode step (lq 1,
+    # warps merged), the rows tile (lq 70), and keys split over blocks and combined (a long cache). One NaN
+    # element of the last query row of head 1 in sequence 0 makes that row's output and lse NaN, as in the
+    # float64 reference; the other rows match it.
+    case = KvCase(b=2, lq=lq, hkv=2, group=group, head_dim=128, dtype=dtype, cap=cap, layout="rows", kind="causal",
+                  seed=31 + lq, lens=lens)
+    case.q[0, lq - 1, 1, 7] = float("nan")
+    ref_out, ref_lse = _reference(case.q, case.keys, case.values, case.lim, 128**-0.5)
+    out, lse, *_ = case.run()
+    assert_nan_where_reference(out, ref_out, TOL[dtype], "out")
+    assert_nan_where_reference(lse, ref_lse, TOL[dtype], "lse")
     kernel(1)
 
 

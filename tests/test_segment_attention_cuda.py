@@ -19,7 +19,15 @@ import random
 
 import pytest
 import torch
-from cuda_utils import DEV, assert_lse_close, cuda_marks, has_cuda_kernel, poison_allocator, random_varlen_case
+from cuda_utils import (
+    DEV,
+    assert_lse_close,
+    assert_nan_where_reference,
+    cuda_marks,
+    has_cuda_kernel,
+    poison_allocator,
+    random_varlen_case,
+)
 from reference import Case, assert_close_scaled, make_case, reference_attention
 
 import ism_ext  # noqa: F401  (registers torch.ops.ism)
@@ -183,6 +191,24 @@ def test_large_negative_and_zero_scale(scale):
     case = make_case([130, 70], [130, 90], heads_q=2, head_dim=64, dtype=torch.float16, limits="random", seed=6,
                      scale=scale)
     _run(case)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_a_query_row_gives_a_nan_row(dtype, head_dim):
+    # NaN in, NaN out (issue 27, item 5): one NaN element of a query row that sees keys makes that row's
+    # output and lse NaN in that head, as in the float64 reference, where the kernels' empty-row logic
+    # used to give output 0 and lse -inf. Rows with kv_limit 0 stay exactly 0 and -inf; every other row
+    # matches the reference.
+    case = make_case([150, 40], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits="random", seed=11)
+    seen = (case.kv_limit > 0).nonzero().flatten()
+    case.q[int(seen[len(seen) // 2]), 1, 5] = float("nan")
+    out, lse = _fwd(case)
+    ref_out, ref_lse = case.reference()
+    assert_nan_where_reference(out, ref_out, TOL[dtype], "out")
+    assert_nan_where_reference(lse, ref_lse, TOL[dtype], "lse")
+    empty = case.kv_limit == 0
+    assert empty.any() and torch.all(out.cpu()[empty] == 0) and torch.all(torch.isneginf(lse.cpu()[:, empty]))
 
 
 def test_max_seqlen_hints_give_identical_results():

@@ -22,6 +22,7 @@ from cuda_utils import (
     DEV,
     TILE_EDGES,
     assert_lse_close,
+    assert_nan_where_reference,
     bwd_tile_launches,
     cuda_marks,
     poison_allocator,
@@ -167,6 +168,72 @@ def test_lse_gradient(scheme, head_dim):
     case = make_case([150, 77], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=torch.bfloat16, limits=scheme,
                      seed=13)
     _run(case, with_lse=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_a_query_row_gives_nan_gradients(dtype, head_dim, deterministic):
+    # NaN in, NaN out (issue 27, item 5), backward: one NaN element of query row 100 (head 1, K/V head 0,
+    # causal: it sees keys 0..100) makes out and dq NaN exactly where the float64 reference has them,
+    # and dv NaN on the keys the row sees. dk is NaN on those keys too; on the keys it does not see the
+    # reference's dense product gives NaN in one column (0 * NaN) and the kernel, which skips or
+    # zero-weights them, may not: those are left out. Everything else matches the reference.
+    case = make_case([150, 40], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits="causal", seed=3)
+    row = 100
+    case.q[row, 1, 5] = float("nan")
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out, _, dq, dk, dv = _gpu_grads(case, grad_out, deterministic=deterministic)
+    ref = _ref_grads(case, grad_out.double())
+    fwd_tol, grad_tol = TOL[dtype]
+    assert_nan_where_reference(out, ref[0], fwd_tol, "out")
+    assert_nan_where_reference(dq, ref[2], grad_tol, "dq")
+    assert_nan_where_reference(dv, ref[4], grad_tol, "dv")
+    dk, ref_dk = dk.cpu().double(), ref[3]
+    assert torch.isnan(dk[: row + 1, 0]).all() and torch.isnan(ref_dk[: row + 1, 0]).all()
+    for keys, heads in ((slice(150, None), slice(None)), (slice(None), slice(1, 2))):  # the other sequence, head
+        assert_close_scaled(dk[keys, heads], ref_dk[keys, heads], grad_tol, "dk")
+
+
+def _math_grads(case: Case, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv of the textbook formula run by torch in the inputs' own dtype on the GPU, for a case of one
+    sequence: PyTorch's math implementation, FlashAttention's yardstick for a low-precision kernel."""
+    q, k, v = (t.to(DEV).requires_grad_() for t in (case.q, case.k, case.v))
+    group = q.shape[1] // k.shape[1]
+    kk, vv = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
+    lim = case.kv_limit.to(DEV).long()
+    allowed = torch.arange(k.shape[0], device=DEV)[None, :] < lim[:, None]
+    scores = (q.transpose(0, 1) @ kk.transpose(1, 2)) * case.softmax_scale
+    out = (torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vv).transpose(0, 1)
+    out.backward(grad_out.to(DEV))
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.xfail(
+    reason="issue 27 item 15 on CUDA: delta from the rounded output; fix pending a GPU run", strict=False
+)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_peaked_softmax_gradients_as_accurate_as_torch_math(dtype, head_dim):
+    # Issue 27, item 15: in a peaked softmax (4 causal tokens, 2 query heads on 1 K/V head, scores of
+    # several units) delta = rowsum(dO * O) taken from the rounded 16-bit output cancels against dP
+    # where one key takes nearly all the weight. The criterion of FlashAttention's tests: the error
+    # against float64 at most twice that of PyTorch's math in the same dtype, plus a small floor, on
+    # every seed (one sequence: no max_seqlen hints needed). Expected to fail while the pre-pass takes
+    # delta from the rounded output (docs/cuda_kernels.md, "Open: fp16/bf16 gradient accuracy").
+    failures = []
+    for seed in range(40):
+        case = make_case([4], heads_q=2, heads_kv=1, head_dim=head_dim, dtype=dtype, limits="causal", seed=seed,
+                         scale=4.8 / head_dim**0.5)
+        grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        _, _, *mine = _gpu_grads(case, grad_out)
+        exact = _ref_grads(case, grad_out.double())[2:]
+        math = _math_grads(case, grad_out)
+        for name, ours, theirs, ref in zip(("dq", "dk", "dv"), mine, math, exact, strict=True):
+            rel = [((x.cpu().double() - ref).norm() / ref.norm()).item() for x in (ours, theirs)]
+            if rel[0] > 2 * rel[1] + 1e-3:
+                failures.append(f"seed {seed} {name}: {rel[0]:.2e} against torch math {rel[1]:.2e}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("scale", [3.0, -0.2, 0.0])

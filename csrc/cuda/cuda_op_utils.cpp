@@ -7,6 +7,7 @@
 #include <atomic>
 #include <sstream>
 
+#include "../params_builder.h"
 #include "static_switch.h"
 
 namespace ism {
@@ -21,20 +22,6 @@ std::string listed(const T (&values)[N], Name name) {
     text << name(values[i]);
   }
   return text.str();
-}
-
-// The DType of a floating-point scalar type the params structs can carry, or none.
-std::optional<DType> float_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kFloat:
-      return DType::kFloat32;
-    default:
-      return std::nullopt;
-  }
 }
 
 std::atomic<bool> hopper_fwd_chosen{false};

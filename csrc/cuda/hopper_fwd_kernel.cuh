@@ -147,13 +147,10 @@ struct WarpgroupSoftmax {
     for (int i = 0; i < decltype(cute::size(o))::value; ++i) o(i) *= alpha[(i / 2) % 2];
   }
 
-  // After the last tile (online_softmax.cuh's finish): the factor that normalises row h and its
-  // natural-log lse; a row that saw nothing gets factor 0 (output 0) and lse -inf.
+  // After the last tile (online_softmax.cuh's row_normaliser): the factor that normalises row h and
+  // its natural-log lse; a row that saw nothing gets factor 0 (output 0) and lse -inf, a NaN row NaN.
   __device__ __forceinline__ void finish(int h, float scale_log2, float& inv_sum, float& lse) const {
-    const float l = quad_sum(row_sum[h]);
-    constexpr float kLn2 = 0.69314718055994531f;
-    inv_sum = l > 0.f ? 1.f / l : 0.f;
-    lse = l > 0.f ? fmaf(row_max[h], scale_log2, log2f(l)) * kLn2 : -INFINITY;
+    row_normaliser(row_max[h], quad_sum(row_sum[h]), scale_log2, inv_sum, lse);
   }
 };
 
@@ -309,11 +306,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) hopper_fwd_kernel(const __gr
   const int row_limit[2] = {s_limit[my_row], s_limit[my_row + 8]};
 
   // softmax_scale * log2(e), folded into the exp2 (needs it positive, like the sm_80 kernel): a
-  // negative scale negates Q instead (flipping the sign bits is exact), a zero one runs as 1e-30.
-  constexpr float kLog2e = 1.4426950408889634f;
-  float scale_log2 = p.softmax_scale * kLog2e;
-  const bool negate_q = scale_log2 < 0.f;
-  scale_log2 = fmaxf(fabsf(scale_log2), 1e-30f);
+  // negative scale negates Q in shared memory once it has landed (below), a zero one runs as 1e-30.
+  bool negate_q = false;
+  const float scale_log2 = positive_scale_log2(p.softmax_scale, [&] { negate_q = true; });
 
   WarpgroupSoftmax softmax;
   clear(tOrO);
@@ -344,9 +339,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) hopper_fwd_kernel(const __gr
       for (int j = 0; j < 64 * kChunks / kWG; ++j) {
         const int c = wg_tid + j * kWG;
         const uint32_t addr = cast_smem_ptr_to_uint(&sQ(64 * wg + c / kChunks, 8 * (c % kChunks)));
-        uint4 x = ld_shared_v4(addr);
-        x.x ^= 0x80008000u, x.y ^= 0x80008000u, x.z ^= 0x80008000u, x.w ^= 0x80008000u;
-        st_shared_v4(addr, x);
+        const uint4 x = ld_shared_v4(addr);
+        st_shared_v4(addr,
+                     make_uint4(negate_halves(x.x), negate_halves(x.y), negate_halves(x.z), negate_halves(x.w)));
       }
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(Kt::kBarWarpGroup0 + wg, kWG);

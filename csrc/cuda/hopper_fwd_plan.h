@@ -3,10 +3,10 @@
 // owns, which key tiles it visits in which order and which of them are masked, the stage and phase
 // of every K/V load, the producer's load order, and the arrivals of the two consumer warpgroups'
 // ping-pong. The kernel (hopper_fwd_kernel.cuh) takes every one of these decisions from here, and
-// `torch.ops.ism._hopper_fwd_plan` / `_hopper_fwd_schedule` (hopper_fwd_plan_op.cpp, in every
-// build, CPU-only ones too) run the same functions for the tests (tests/test_hopper_fwd_plan.py).
+// the test-only ops `torch.ops.ism._hopper_fwd_plan` / `_hopper_fwd_loads` / `_hopper_fwd_pingpong`
+// (tests/cpp/hopper_fwd_plan_op.cpp, compiled by tests/test_hopper_fwd_plan.py) run the same functions.
 //
-// No CUDA or CUTLASS header: the CPU build includes it.
+// No CUDA or CUTLASS header: a plain C++ compiler includes it.
 #pragma once
 
 #include <cstdint>

@@ -30,59 +30,11 @@
 #include "kvcache_rows.cuh"
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
+#include "score_tile.cuh"
 #include "smem_base.cuh"
 #include "warp_mma.cuh"
 
 namespace ism::cuda {
-
-// O += P V for one key tile: the probabilities of two adjacent n8 tiles of S are one k16 step's A
-// fragment (accumulator and A layouts agree), so P never leaves the registers; V by ldmatrix.trans at
-// v_base (this warp's keys, chunk pair 0), one x4 feeding every row block.
-template <typename Kt>
-__device__ __forceinline__ void accumulate_pv(float (&o)[Kt::kMTiles][Kt::kOTiles][4],
-                                              const float (&s)[Kt::kMTiles][Kt::kSTiles][4], uint32_t v_base) {
-  using Element = typename Kt::Element;
-  uint32_t p_frag[Kt::kMTiles][Kt::kPVSteps][4];
-#pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-#pragma unroll
-    for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-      p_frag[mi][kk][0] = pack_float2<Element>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-      p_frag[mi][kk][1] = pack_float2<Element>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-      p_frag[mi][kk][2] = pack_float2<Element>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-      p_frag[mi][kk][3] = pack_float2<Element>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-    }
-  }
-#pragma unroll
-  for (int dp = 0; dp < Kt::kOTiles / 2; ++dp) {
-    const uint32_t v_addr = v_base ^ Kt::chunk_pair_xor(dp);
-#pragma unroll
-    for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, v_addr + kk * 16 * Kt::kRowBytes);
-#pragma unroll
-      for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-        mma_m16n8k16<Element>(o[mi][2 * dp], p_frag[mi][kk], b[0], b[1]);
-        mma_m16n8k16<Element>(o[mi][2 * dp + 1], p_frag[mi][kk], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// Scores of keys at or past a row's limit become -inf. Element e of n-tile nt is row g + 8 (e / 2), key
-// key0 + 8 nt + 2 t4 + e % 2 (key0: the warp's first key of the tile).
-template <typename Kt>
-__device__ __forceinline__ void mask_scores(float (&s)[Kt::kMTiles][Kt::kSTiles][4],
-                                            const int (&row_limit)[Kt::kMTiles][2], int key0, int t4) {
-#pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi)
-#pragma unroll
-    for (int nt = 0; nt < Kt::kSTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (key0 + nt * 8 + 2 * t4 + (e % 2) >= row_limit[mi][e / 2]) s[mi][nt][e] = -INFINITY;
-      }
-}
 
 template <typename Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) kvcache_attn_kernel(const KVCacheKernelParams p) {
@@ -151,19 +103,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) kvcache_attn_kernel(const KVCac
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
   OnlineSoftmax<kMTiles, Kt::kSTiles, Kt::kOTiles> softmax;
-  // softmax_scale * log2(e), which the online softmax needs positive: a negative scale negates Q instead
-  // (flipping both halves' sign bits is exact), a zero one runs as 1e-30 (uniform weights, -inf kept).
-  float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  if (scale_log2 < 0.f) {
-    scale_log2 = -scale_log2;
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-      for (int kk = 0; kk < Kt::kQKSteps; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q_frag[mi][kk][i] ^= 0x80008000u;
-  }
-  scale_log2 = fmaxf(scale_log2, 1e-30f);
+  // softmax_scale * log2(e), positive, for the online softmax; a negative scale negates Q (online_softmax.cuh).
+  const float scale_log2 = positive_scale_log2(p.softmax_scale, [&] { negate_q_fragments(q_frag); });
   // ldmatrix lane addresses for chunk pair 0 of this warp's keys: K plain (chunks first), V .trans (rows first).
   const uint32_t k_lane = ldmatrix_lane_chunks_first<Kt::kRowBytes>(lane) + warp_key0 * Kt::kRowBytes;
   const uint32_t v_lane = ldmatrix_lane_rows_first<Kt::kRowBytes>(lane) + warp_key0 * Kt::kRowBytes;

@@ -1,8 +1,11 @@
 // The combine of split keys (FlashDecoding): each chunk of a row's keys left its normalised output O_c
 // and log-sum-exp lse_c (kvcache_params.h); the row's output is sum_c exp(lse_c - lse) O_c with
 // lse = log sum_c exp(lse_c), computed in one pass with a running maximum. A row whose chunks all saw
-// nothing (every lse_c = -inf) gets output 0 and lse -inf. ism_ext/ops/kvcache_composite.py holds the
-// same formula in torch (combine_partials), which the CPU tests check against whole-row attention.
+// nothing (every lse_c = -inf) gets output 0 and lse -inf; a NaN lse_c (a NaN score in that chunk)
+// makes the weights and the sum NaN, and the row's output and lse NaN (the rule of online_softmax.cuh's
+// row_normaliser: the sum is exactly 0 or at least 1, the top chunk's own weight).
+// ism_ext/ops/kvcache_composite.py holds the same formula in torch (combine_partials), which the CPU
+// tests check against whole-row attention.
 #pragma once
 
 #include <cmath>
@@ -41,7 +44,8 @@ __global__ void __launch_bounds__(KVCacheCombineShape<kHeadDim>::kNThreads)
     sum = sum * keep + w;
     top = next;
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const bool empty = sum == 0.f;
+  const float inv = empty ? 0.f : 1.f / sum;
   // Row (b * h_q + h) * seqlen_q + i of the partials is query position i of head h of sequence b.
   const int i = static_cast<int>(row % p.seqlen_q);
   const int64_t bh = row / p.seqlen_q;
@@ -49,7 +53,7 @@ __global__ void __launch_bounds__(KVCacheCombineShape<kHeadDim>::kNThreads)
   Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + i * p.out_row_stride + h * p.out_head_stride;
   store_8_bytes(out + col, pack_float2<Element>(acc.x * inv, acc.y * inv),
                 pack_float2<Element>(acc.z * inv, acc.w * inv));
-  if (col == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = sum > 0.f ? top + logf(sum) : -INFINITY;
+  if (col == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i] = empty ? -INFINITY : top + logf(sum);
 }
 
 }  // namespace ism::cuda

@@ -27,15 +27,11 @@ __device__ __forceinline__ RowDest row_dest(const KVCacheKernelParams& p, const 
   return d;
 }
 
-__device__ __forceinline__ float natural_lse(float raw_max, float sum, float scale_log2) {
-  constexpr float kLn2 = 0.69314718055994531f;
-  return sum > 0.f ? fmaf(raw_max, scale_log2, log2f(sum)) * kLn2 : -INFINITY;
-}
-
 // kGroup: the 4 warps each hold the softmax state of all 16 rows over their quarter of every key tile.
 // The states go through shared memory (s_merge, kMergeBytes, free once the key loop is over) and are
 // merged per row: weights exp2((max_w - max) * scale), sum and output the weighted sums. A row whose
-// warps all saw nothing gets output 0 and lse -inf. Every thread calls it (one barrier inside).
+// warps all saw nothing gets output 0 and lse -inf, a row with a NaN score NaN (row_normaliser: a
+// warp's NaN sum stays NaN under any weight, 0 included). Every thread calls it (one barrier inside).
 template <typename Kt, typename Softmax>
 __device__ __forceinline__ void merge_warps_and_store(const Softmax& softmax, const float (&o)[1][Kt::kOTiles][4],
                                                       float scale_log2, float* s_merge, const KVCacheKernelParams& p,
@@ -73,7 +69,8 @@ __device__ __forceinline__ void merge_warps_and_store(const Softmax& softmax, co
     weight[w] = top == -INFINITY ? 0.f : fast_exp2((s_max[w * kM + row] - top) * scale_log2);
     sum += weight[w] * s_sum[w * kM + row];
   }
-  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  float inv_sum, lse;
+  row_normaliser(top, sum, scale_log2, inv_sum, lse);
   const RowDest dest = row_dest(p, b, row);
 #pragma unroll
   for (int k = 0; k < Kt::kMergeQuads; ++k) {
@@ -96,7 +93,6 @@ __device__ __forceinline__ void merge_warps_and_store(const Softmax& softmax, co
     }
   }
   if (t == 0) {
-    const float lse = natural_lse(top, sum, scale_log2);
     if (p.num_splits == 1) {
       p.lse[dest.lse] = lse;
     } else {
@@ -114,36 +110,30 @@ __device__ __forceinline__ void store_rows_of_warps(const Softmax& softmax,
                                                     typename Kt::Element* sQ, const KVCacheKernelParams& p,
                                                     const KVCacheBlock& b) {
   using Element = typename Kt::Element;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, t4 = lane % 4;
   const bool split = p.num_splits > 1;
   __syncwarp();
+  softmax.for_each_finished_row(warp * Kt::kWarpRows, lane, scale_log2,
+                                [&](int mi, int h, int row, float inv_sum, float lse) {
+    if (!split) {
 #pragma unroll
-  for (int mi = 0; mi < Kt::kMTiles; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float inv_sum, lse;
-      softmax.finish(mi, h, scale_log2, inv_sum, lse);
-      const int row = warp * Kt::kWarpRows + mi * 16 + g + 8 * h;
-      if (!split) {
-#pragma unroll
-        for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-          *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
-              pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-        }
+      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+            pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
       }
-      if (row >= b.rows) continue;
-      const RowDest dest = row_dest(p, b, row);
-      if (split) {
-        float* part = p.out_partial + dest.part * p.head_dim + 2 * t4;
-#pragma unroll
-        for (int dt = 0; dt < Kt::kOTiles; ++dt) {
-          *reinterpret_cast<float2*>(part + dt * 8) =
-              make_float2(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-        }
-      }
-      if (t4 == 0) (split ? p.lse_partial[dest.part] : p.lse[dest.lse]) = lse;
     }
-  }
+    if (row >= b.rows) return;
+    const RowDest dest = row_dest(p, b, row);
+    if (split) {
+      float* part = p.out_partial + dest.part * p.head_dim + 2 * t4;
+#pragma unroll
+      for (int dt = 0; dt < Kt::kOTiles; ++dt) {
+        *reinterpret_cast<float2*>(part + dt * 8) =
+            make_float2(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
+      }
+    }
+    if (t4 == 0) (split ? p.lse_partial[dest.part] : p.lse[dest.lse]) = lse;
+  });
   if (split) return;  // block-uniform
   __syncthreads();
   constexpr int kRowsPerPass = Kt::kNThreads / Kt::kChunks;

@@ -25,9 +25,14 @@ struct FwdGrid {
   int64_t blocks;
 };
 
+// The structs are filled member by member, not returned as braced lists: nvcc's host compilation
+// rejected `return {...}` of the one-member FwdGrid (tests/cuda/launch_grids_check.cu compiles these
+// functions with nvcc).
 template <int kHeadDim>
 constexpr FwdGrid fwd_grid(const SegmentAttnFwdParams& p) {
-  return {ceil_div(p.max_seqlen_q, FwdTileShape<kHeadDim>::kBlockM) * p.h_q * p.batch};
+  FwdGrid grid{};
+  grid.blocks = ceil_div(p.max_seqlen_q, FwdTileShape<kHeadDim>::kBlockM) * p.h_q * p.batch;
+  return grid;
 }
 
 // Backward, for the dK/dV tiles `DkdvShape` (bwd_kernel_traits.h):
@@ -42,9 +47,13 @@ struct BwdGrid {
 
 template <typename DkdvShape, typename DqShape>
 constexpr BwdGrid bwd_grid(const SegmentAttnFwdParams& p) {
-  const int64_t q_tiles = ceil_div(p.max_seqlen_q, DkdvShape::kBlockM);
-  return {q_tiles, q_tiles * p.batch, p.h_q, ceil_div(p.max_seqlen_k, DkdvShape::kBlockN) * p.h_kv * p.batch,
-          ceil_div(p.max_seqlen_q, DqShape::kBlockM) * p.h_q * p.batch};
+  BwdGrid grid{};
+  grid.q_tiles = ceil_div(p.max_seqlen_q, DkdvShape::kBlockM);
+  grid.prepass_blocks = grid.q_tiles * p.batch;
+  grid.prepass_heads = p.h_q;
+  grid.dkdv_blocks = ceil_div(p.max_seqlen_k, DkdvShape::kBlockN) * p.h_kv * p.batch;
+  grid.dq_blocks = ceil_div(p.max_seqlen_q, DqShape::kBlockM) * p.h_q * p.batch;
+  return grid;
 }
 
 }  // namespace ism::cuda

@@ -7,15 +7,62 @@
 // Scores arrive raw (Q K^T, masked entries at -inf). softmax_scale * log2(e) = `scale_log2` is folded
 // into the exponent, exp2(s * scale_log2 - max * scale_log2): one FFMA per score instead of a
 // multiply and a subtract. That needs scale_log2 > 0, so that the raw max is the scaled max and
-// -inf * scale_log2 stays -inf; the kernel guarantees it (a negative scale flips Q's sign bits, a
-// zero scale runs as a tiny positive one). The running max is kept in the raw domain.
+// -inf * scale_log2 stays -inf; positive_scale_log2() below gives it to every kernel (a negative scale
+// negates Q instead, a zero scale runs as a tiny positive one). The running max is kept in the raw
+// domain.
+//
+// NaN in, NaN out: fmaxf drops a NaN score from the running max, but its exp2 is NaN, so the row's
+// sum and output become NaN and row_normaliser() passes it on to the output and the lse.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
+#include "../attn_constants.h"
 #include "mma_utils.cuh"
 
 namespace ism::cuda {
+
+// softmax_scale as the online softmaxes take it (this file, hopper_fwd_kernel.cuh), for every kernel:
+// scale_log2 = |softmax_scale| * log2(e), which must be positive. A negative scale calls negate_q(),
+// which negates the kernel's Q instead (s * q . k = |s| * (-q) . k; negate_halves() is exact in bf16
+// and fp16). A zero (or denormal) scale runs as 1e-30: every visible score times it rounds to 0 next
+// to 1, so the probabilities are the same uniform ones, and -inf stays -inf (0 * -inf would be NaN).
+template <typename NegateQ>
+__device__ __forceinline__ float positive_scale_log2(float softmax_scale, NegateQ&& negate_q) {
+  float scale_log2 = softmax_scale * kLog2e;
+  if (scale_log2 < 0.f) {
+    scale_log2 = -scale_log2;
+    negate_q();
+  }
+  return fmaxf(scale_log2, 1e-30f);
+}
+
+// Both 16-bit halves of a register negated: the sign is the top bit of each half in bf16 and fp16.
+__device__ __forceinline__ uint32_t negate_halves(uint32_t x) { return x ^ 0x80008000u; }
+
+// Q's A fragments (ldmatrix, [row blocks][k16 steps][4]) negated in registers, for a negative scale.
+template <int kRowBlocks, int kSteps>
+__device__ __forceinline__ void negate_q_fragments(uint32_t (&q_frag)[kRowBlocks][kSteps][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kRowBlocks; ++mi)
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q_frag[mi][kk][i] = negate_halves(q_frag[mi][kk][i]);
+}
+
+// A finished row: from its raw max and its sum of exp2 terms, the factor that normalises its output
+// and its natural-log lse. A row that saw no key has a sum of exactly 0 (every exp2 of -inf is +0):
+// factor 0 (output 0, never 0/0) and lse -inf. Any other sum is at least 1 (the max's own term is
+// exp2(0)) or NaN, where a NaN reached the scores; 1 / NaN and log2(NaN) then carry it to the output
+// and the lse. Hence `sum == 0`, never `sum > 0`, which would turn a NaN row into an empty one.
+__device__ __forceinline__ void row_normaliser(float raw_max, float sum, float scale_log2, float& inv_sum,
+                                               float& lse) {
+  const bool empty = sum == 0.f;
+  inv_sum = empty ? 0.f : 1.f / sum;
+  lse = empty ? -INFINITY : fmaf(raw_max, scale_log2, log2f(sum)) * kLn2;
+}
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -85,13 +132,25 @@ struct OnlineSoftmax {
     }
   }
 
-  // After the last tile: the factor that normalises row (mi, h) and its natural-log lse. A row that
-  // saw nothing (sum 0) gets factor 0 (output 0, never 0/0) and lse -inf.
+  // After the last tile: the factor that normalises row (mi, h) and its natural-log lse
+  // (row_normaliser: an empty row gets output 0 and lse -inf, a NaN row NaN).
   __device__ __forceinline__ void finish(int mi, int h, float scale_log2, float& inv_sum, float& lse) const {
-    const float l = quad_sum(row_sum[mi][h]);
-    constexpr float kLn2 = 0.69314718055994531f;
-    inv_sum = l > 0.f ? 1.f / l : 0.f;
-    lse = l > 0.f ? fmaf(row_max[mi][h], scale_log2, log2f(l)) * kLn2 : -INFINITY;
+    row_normaliser(row_max[mi][h], quad_sum(row_sum[mi][h]), scale_log2, inv_sum, lse);
+  }
+
+  // The epilogues' walk over this thread's rows: f(mi, h, row, inv_sum, lse) for row block mi, half h,
+  // with `row` counted in the tile (the warp's rows start at warp_row0) and the row's finish().
+  template <typename F>
+  __device__ __forceinline__ void for_each_finished_row(int warp_row0, int lane, float scale_log2, F&& f) const {
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float inv_sum, lse;
+        finish(mi, h, scale_log2, inv_sum, lse);
+        f(mi, h, warp_row0 + mi * 16 + lane / 4 + 8 * h, inv_sum, lse);
+      }
+    }
   }
 };
 

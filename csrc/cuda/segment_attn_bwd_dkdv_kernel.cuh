@@ -33,6 +33,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../attn_constants.h"
 #include "../ism_params.h"
 #include "../tile_range.h"
 #include "bwd_kernel_traits.h"
@@ -75,7 +76,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) segment_attn_bwd_dkdv_kernel
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
   constexpr int kSTiles = Kt::kSTiles, kDTiles = Kt::kDTiles, kQSteps = Kt::kQSteps;
   constexpr int kRowBytes = KvRows::kRowBytes;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   // ---- 1. Which key tile.
   const int heads_x_batch = p.h_kv * p.batch;

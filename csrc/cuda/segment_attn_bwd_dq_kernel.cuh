@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "../attn_constants.h"
 #include "../ism_params.h"
 #include "../tile_range.h"
 #include "bwd_kernel_traits.h"
@@ -34,7 +35,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_bwd_dq_kernel(cons
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kSTiles = Kt::kSTiles, kDTiles = Kt::kDTiles, kNWarps = Kt::kNWarps;
   constexpr int kRowBytes = Rows::kRowBytes;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   // ---- 1. Which tile (query_tile_prologue.cuh: the last query tiles, which see the most keys under
   // the usual layouts, first).

@@ -28,6 +28,7 @@
 #include "mma_utils.cuh"
 #include "online_softmax.cuh"
 #include "query_tile_prologue.cuh"
+#include "score_tile.cuh"
 #include "smem_base.cuh"
 #include "tile_io.cuh"
 #include "warp_mma.cuh"
@@ -122,23 +123,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
   OnlineSoftmax<kMTiles, kSTiles, kOTiles> softmax;
-  // softmax_scale * log2(e), folded into the softmax's exp2 (online_softmax.cuh), which needs it
-  // positive. A negative scale is moved into Q: flipping the sign bits of both 16-bit halves is an
-  // exact negation in bf16 and fp16. A zero (or denormal) scale runs as 1e-30: every visible score
-  // times it rounds to 0 next to 1, so the probabilities are the same uniform ones, and -inf stays
-  // -inf (0 * -inf would be NaN).
-  constexpr float kLog2e = 1.4426950408889634f;
-  float scale_log2 = p.softmax_scale * kLog2e;
-  if (scale_log2 < 0.f) {
-    scale_log2 = -scale_log2;
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-      for (int kk = 0; kk < Kt::kQKSteps; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) q_frag[mi][kk][i] ^= 0x80008000u;
-  }
-  scale_log2 = fmaxf(scale_log2, 1e-30f);
+  // softmax_scale * log2(e), folded into the softmax's exp2, which needs it positive: a negative
+  // scale negates Q instead, a zero one runs as a tiny positive one (online_softmax.cuh).
+  const float scale_log2 = positive_scale_log2(p.softmax_scale, [&] { negate_q_fragments(q_frag); });
 
   // Per-lane ldmatrix addresses of the key loop, formed for d chunk pair 0 of the tile; the chunk
   // pair `pair` is then one XOR away (Kt::chunk_pair_xor), and the next 16 keys one immediate
@@ -165,79 +152,27 @@ __global__ void __launch_bounds__(Kt::kNThreads) segment_attn_fwd_kernel(const S
     float s[kMTiles][kSTiles][4];
     warp_mma_regs_by_rows_t<Element, Rows>(s, q_frag, k_base);
 
-    // The mask, only on tiles some row cannot see entirely (block-uniform branch). Element e of
-    // n-tile nt is row g + 8 * (e / 2), key k0 + 8 nt + 2 t4 + e % 2. Keys past the tile's valid
-    // range are zeros in shared memory and always masked here: limit <= max_limit.
-    if (!key_tile_is_full(min_limit, k0, kBlockN)) {
-#pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < kSTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + nt * 8 + 2 * t4 + (e % 2);
-            if (key >= row_limit[mi][e / 2]) s[mi][nt][e] = -INFINITY;
-          }
-    }
-
+    // The mask, only on tiles some row cannot see entirely (block-uniform branch). Keys past the
+    // tile's valid range are zeros in shared memory and always masked here: limit <= max_limit.
+    if (!key_tile_is_full(min_limit, k0, kBlockN)) mask_scores<Kt>(s, row_limit, k0, t4);
     softmax.update(s, o, scale_log2);
-
-    // P as the A operand of O += P V, without leaving the registers: the probabilities of two
-    // adjacent n8 tiles of S are exactly one k16 step's A fragment (accumulator and A fragments
-    // share the row / column-pair layout): a0 = tile 2kk rows g, a1 = tile 2kk rows g+8,
-    // a2 = tile 2kk+1 rows g, a3 = tile 2kk+1 rows g+8. Packed here so the floats die early.
-    uint32_t p_frag[kMTiles][Kt::kPVSteps][4];
-#pragma unroll
-    for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-        p_frag[mi][kk][0] = pack_float2<Element>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-        p_frag[mi][kk][1] = pack_float2<Element>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-        p_frag[mi][kk][2] = pack_float2<Element>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-        p_frag[mi][kk][3] = pack_float2<Element>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-      }
-    }
-
-    // O += P V. V is [key][d] in shared memory, row-major for B[k = key][n = d]: ldmatrix.trans
-    // gives the column-major fragment. One x4.trans covers 16 keys x 16 d: matrix 0 = keys 0-7 /
-    // d 0-7 (b0 of d-tile 2dp), 1 = keys 8-15 / d 0-7 (b1 of 2dp), 2 = keys 0-7 / d 8-15 (b0 of
-    // 2dp+1), 3 = keys 8-15 / d 8-15 (b1 of 2dp+1).
-#pragma unroll
-    for (int dp = 0; dp < kOTiles / 2; ++dp) {
-      const uint32_t v_addr = v_base ^ Kt::chunk_pair_xor(dp);
-#pragma unroll
-      for (int kk = 0; kk < Kt::kPVSteps; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, v_addr + kk * 16 * Kt::kRowBytes);
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi) {
-          mma_m16n8k16<Element>(o[mi][2 * dp], p_frag[mi][kk], b[0], b[1]);
-          mma_m16n8k16<Element>(o[mi][2 * dp + 1], p_frag[mi][kk], b[2], b[3]);
-        }
-      }
-    }
+    // O += P V, P straight from the registers of S (score_tile.cuh).
+    accumulate_pv<Kt>(o, s, v_base);
   }
 
   // ---- 5. Epilogue. The output tile is staged in the Q buffer: each warp writes only its own rows,
   // which only it has read (ldmatrix of Q above), so a warp barrier orders the two.
   __syncwarp();
   float* lse_ptr = p.lse + static_cast<int64_t>(head) * p.lse_head_stride + q_row0;
+  softmax.for_each_finished_row(warp_row0, lane, scale_log2, [&](int mi, int h, int row, float inv_sum, float lse) {
 #pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float inv_sum, lse;
-      softmax.finish(mi, h, scale_log2, inv_sum, lse);
-      const int row = warp_row0 + mi * 16 + g + 8 * h;
-#pragma unroll
-      for (int dt = 0; dt < kOTiles; ++dt) {
-        // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
-        *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
-            pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
-      }
-      if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+    for (int dt = 0; dt < kOTiles; ++dt) {
+      // Element pair (2 t4, 2 t4 + 1) of d-tile dt is 4 bytes inside chunk dt of the row.
+      *reinterpret_cast<uint32_t*>(sQ + Kt::swizzle(row, dt) + 2 * t4) =
+          pack_float2<Element>(o[mi][dt][2 * h] * inv_sum, o[mi][dt][2 * h + 1] * inv_sum);
     }
-  }
+    if (t4 == 0 && row < rows) lse_ptr[row] = lse;
+  });
   __syncthreads();
   Element* out_ptr = static_cast<Element*>(p.out) + static_cast<int64_t>(q_row0) * p.out_row_stride +
                      static_cast<int64_t>(head) * p.out_head_stride;

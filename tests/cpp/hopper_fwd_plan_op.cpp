@@ -1,6 +1,6 @@
-// The Hopper forward kernel's plan (hopper_fwd_plan.h) as ops, so that the tests can run the same
-// decisions the kernel takes on the CPU, in every build (this file is compiled into CPU-only builds
-// too: it needs no CUDA):
+// Test-only: the Hopper forward kernel's plan (csrc/cuda/hopper_fwd_plan.h) as ops, so that the tests run
+// the same decisions the kernel takes, on the CPU of any build. tests/test_hopper_fwd_plan.py compiles this
+// file on first use (torch.utils.cpp_extension.load); it is not part of the product:
 //   ism::_hopper_fwd_plan(Tensor kv_limit, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int h_q, int h_kv,
 //                         int max_seqlen_q, int head_dim) -> Tensor
 //       one int64 row per block of the launch, in launch order (blockIdx.x): block, m_tile, head, seq,
