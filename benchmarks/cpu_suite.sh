@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+if [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)benchmarks/results')" ]; then
   echo "cpu_suite: the tree has uncommitted changes; results must name a clean commit" >&2
   exit 1
 fi
