@@ -131,13 +131,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="teacher answer length (as in distill)")
     parser.add_argument("--name", default="adaptation")
     args = parser.parse_args()
+    env = environment()  # at the start: the commit the run measures, before anything else can change the tree
     base, tok = load_chat_model()
     adapted, _ = load_chat_model(adapter=args.adapter)
     models = {"base": base, "adapted": adapted}
     held = load_prompts(args.prompts, "heldout")
     dialogues = answer_dialogues(base, tok, held, max_new_tokens=args.max_new_tokens, batch_size=16)
     prompts, targets = round_prompts(tok, dialogues)
-    env = environment()
     records = []
     for impl in tqdm(IMPLS, desc="adaptation", unit="impl"):
         scheme, which = impl.split("_")
