@@ -5,7 +5,7 @@ baseline; `train(TrainConfig(...))` runs the loop of ``python -m ism_ext train``
 distributed processes, checkpoints, the loss log, atomic file writes and the loop each have their module).
 """
 
-from .collator import ChatCollator
+from .collator import ChatCollator, collate_tokenized
 from .config import DEFAULT_DATA, TrainConfig, TrainError
 from .data_files import ChatExample, load_chat_jsonl
 from .loop import train
@@ -15,6 +15,7 @@ from .triplet import tokenize_triplet, triplet_expansion
 __all__ = [
     "DEFAULT_DATA",
     "ChatCollator",
+    "collate_tokenized",
     "ChatExample",
     "TrainConfig",
     "TrainError",

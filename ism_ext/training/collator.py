@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..masks import SCHEMES
-from ..turns import IGNORE_INDEX, tokenize_dialogue
+from ..turns import IGNORE_INDEX, TokenizedDialogue, tokenize_dialogue
 from .packing import pack_dialogues, pad_row
 
 __all__ = ["ChatCollator"]
@@ -66,10 +66,6 @@ class ChatCollator:
         self.chat_template_kwargs = chat_template_kwargs
         self.pad_token_id = int(pad_id)
 
-    def _padded_length(self, n: int) -> int:
-        m = self.pad_to_multiple_of
-        return n if m is None else -(-n // m) * m
-
     def __call__(self, dialogues: Sequence[Sequence[Mapping[str, Any]] | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Tokenises, then pads or packs, the dialogues of one batch (see the class docstring)."""
         if len(dialogues) == 0:
@@ -84,26 +80,40 @@ class ChatCollator:
             )
             for d in dialogues
         ]
-        if self.pack:
-            capacity = self.max_length if self.max_length is not None else max(len(t) for t in tokenized)
-            rows = pack_dialogues(tokenized, capacity, self.pad_token_id)
-            length = self._padded_length(max(r["input_ids"].shape[1] for r in rows))
-            rows = [pad_row(r, length, self.pad_token_id) for r in rows]
-            keys = ("input_ids", "labels", "block_sequence_ids", "position_ids")
-            return {key: torch.cat([r[key] for r in rows], dim=0) for key in keys}
+        return collate_tokenized(tokenized, pad_token_id=self.pad_token_id, pack=self.pack,
+                                 max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of)
 
-        length = self._padded_length(max(len(t) for t in tokenized))
-        batch = len(tokenized)
-        out = {
-            "input_ids": torch.full((batch, length), self.pad_token_id, dtype=torch.int64),
-            "attention_mask": torch.zeros((batch, length), dtype=torch.int64),
-            "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.int64),
-            "block_sequence_ids": torch.full((batch, length), -1, dtype=torch.int64),
-        }
-        for b, t in enumerate(tokenized):
-            n = len(t)
-            out["input_ids"][b, :n] = t.input_ids
-            out["attention_mask"][b, :n] = 1
-            out["labels"][b, :n] = t.labels
-            out["block_sequence_ids"][b, :n] = t.block_sequence_ids
-        return out
+
+def collate_tokenized(dialogues: Sequence[TokenizedDialogue], *, pad_token_id: int, pack: bool,
+                      max_length: int | None, pad_to_multiple_of: int | None) -> dict[str, torch.Tensor]:
+    """The batch of already tokenised dialogues that `ChatCollator` returns (and the TRL collator, which gets its
+    dialogues tokenised by the dataset): one per row, padded, with `attention_mask`; or packed whole into rows of
+    at most `max_length` tokens with `position_ids` restarting per dialogue. Lengths round up to
+    `pad_to_multiple_of`."""
+
+    def padded_length(n: int) -> int:
+        return n if pad_to_multiple_of is None else -(-n // pad_to_multiple_of) * pad_to_multiple_of
+
+    if pack:
+        capacity = max_length if max_length is not None else max(len(t) for t in dialogues)
+        rows = pack_dialogues(dialogues, capacity, pad_token_id)
+        length = padded_length(max(r["input_ids"].shape[1] for r in rows))
+        rows = [pad_row(r, length, pad_token_id) for r in rows]
+        keys = ("input_ids", "labels", "block_sequence_ids", "position_ids")
+        return {key: torch.cat([r[key] for r in rows], dim=0) for key in keys}
+
+    length = padded_length(max(len(t) for t in dialogues))
+    batch = len(dialogues)
+    out = {
+        "input_ids": torch.full((batch, length), pad_token_id, dtype=torch.int64),
+        "attention_mask": torch.zeros((batch, length), dtype=torch.int64),
+        "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.int64),
+        "block_sequence_ids": torch.full((batch, length), -1, dtype=torch.int64),
+    }
+    for b, t in enumerate(dialogues):
+        n = len(t)
+        out["input_ids"][b, :n] = t.input_ids
+        out["attention_mask"][b, :n] = 1
+        out["labels"][b, :n] = t.labels
+        out["block_sequence_ids"][b, :n] = t.block_sequence_ids
+    return out

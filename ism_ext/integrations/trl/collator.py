@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ...training.packing import pack_dialogues, pad_row
-from ...turns import IGNORE_INDEX, TokenizedDialogue
+from ...training.collator import collate_tokenized
+from ...turns import TokenizedDialogue
 
 __all__ = ["FEATURES", "IsmDataCollator"]
 
@@ -65,40 +65,10 @@ class IsmDataCollator:
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _padded_length(self, n: int) -> int:
-        m = self.pad_to_multiple_of
-        return n if m is None else -(-n // m) * m
-
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Pads or packs the rows of one batch (see the class docstring)."""
         if len(features) == 0:
             raise ValueError("empty batch")
         dialogues = [_as_dialogue(f, k) for k, f in enumerate(features)]
-        if self.pack:
-            return self._packed(dialogues)
-        return self._padded(dialogues)
-
-    def _packed(self, dialogues: list[TokenizedDialogue]) -> dict[str, torch.Tensor]:
-        capacity = self.max_length if self.max_length is not None else max(len(d) for d in dialogues)
-        rows = pack_dialogues(dialogues, capacity, self.pad_token_id)
-        length = self._padded_length(max(r["input_ids"].shape[1] for r in rows))
-        rows = [pad_row(r, length, self.pad_token_id) for r in rows]
-        keys = ("input_ids", "labels", "block_sequence_ids", "position_ids")
-        return {key: torch.cat([r[key] for r in rows], dim=0) for key in keys}
-
-    def _padded(self, dialogues: list[TokenizedDialogue]) -> dict[str, torch.Tensor]:
-        length = self._padded_length(max(len(d) for d in dialogues))
-        batch = len(dialogues)
-        out = {
-            "input_ids": torch.full((batch, length), self.pad_token_id, dtype=torch.int64),
-            "attention_mask": torch.zeros((batch, length), dtype=torch.int64),
-            "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.int64),
-            "block_sequence_ids": torch.full((batch, length), -1, dtype=torch.int64),
-        }
-        for b, d in enumerate(dialogues):
-            n = len(d)
-            out["input_ids"][b, :n] = d.input_ids
-            out["attention_mask"][b, :n] = 1
-            out["labels"][b, :n] = d.labels
-            out["block_sequence_ids"][b, :n] = d.block_sequence_ids
-        return out
+        return collate_tokenized(dialogues, pad_token_id=self.pad_token_id, pack=self.pack,
+                                 max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of)
