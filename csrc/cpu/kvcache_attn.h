@@ -7,8 +7,6 @@
 
 namespace ism::cpu::ISM_ISA_NS {
 
-
-
 // Calls fn(k_rows, v_rows) with the accessors of head h_kv of sequence `seq`.
 template <typename T, typename Fn>
 void with_cache_rows(const KVCacheAttnParams& p, int seq, int h_kv, Fn fn) {
@@ -45,8 +43,6 @@ void append(const KVCacheAttnParams& p) {
     }
   });
 }
-
-
 
 struct GroupScratch {
   FwdScratch fwd;

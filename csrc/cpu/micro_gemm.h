@@ -57,7 +57,9 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
     V bp[NV];
     const float* bk = b + p * ldb;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
+    for (int v = 0; v < NV; ++v) {
+      bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
+    }
     const int64_t ap = p * a_cs;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {

@@ -40,7 +40,8 @@ QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int
                           BwdScratch& w) {
   const int d = p.head_dim;
   QuerySide s{q0, m, pad_lanes(m), max_limit, max_limit, {}, {}};
-  const auto q_rows = strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
+  const auto q_rows =
+      strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
   const auto do_rows =
       strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride);
   pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.m_pad);
@@ -110,7 +111,8 @@ std::vector<float> delta_from_output(const SegmentAttnBwdParams& p) {
     std::vector<float> o(p.head_dim), g(p.head_dim);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / p.total_q, row = i % p.total_q;
-      convert_row(static_cast<const T*>(p.out) + row * p.out_row_stride + h * p.out_head_stride, p.head_dim, 1.f, o.data());
+      convert_row(static_cast<const T*>(p.out) + row * p.out_row_stride + h * p.out_head_stride, p.head_dim, 1.f,
+                  o.data());
       convert_row(static_cast<const T*>(p.dout) + row * p.dout_row_stride + h * p.dout_head_stride, p.head_dim, 1.f,
                   g.data());
       float acc = 0.f;
@@ -139,8 +141,8 @@ std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTi
         std::fill(w.delta.begin(), w.delta.end(), 0.f);
         for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
           const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-          probs_and_dprobs(s, k0, n, d, stage_rows(k_rows, k0, n, d, w.k.data()), stage_rows(v_rows, k0, n, d, w.v.data()),
-                           w);
+          const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
+          probs_and_dprobs(s, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
           add_col_dot(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
         }
         for (int r = 0; r < m; ++r) {
@@ -169,7 +171,9 @@ inline std::vector<BwdChunk> plan_bwd_chunks(const SegmentAttnBwdParams& p, cons
     const int len = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
     for (int hk = 0; hk < p.h_kv; ++hk) {
       int64_t total = 0;
-      for (int t = 0; t < tiles.count(b); ++t) total += group * (static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1);
+      for (int t = 0; t < tiles.count(b); ++t) {
+        total += group * (static_cast<int64_t>(tile_rows(len, t)) * tiles.max_limit_of(b, t) + 1);
+      }
       const int64_t n_chunks = std::clamp<int64_t>(want, 1, std::max(1, group * tiles.count(b)));
       const size_t first = chunks.size();
       int64_t before = 0;  // cost of the pairs already placed: a pair goes to chunk before * n_chunks / total
@@ -205,8 +209,10 @@ void reduce_and_store_dkv(const SegmentAttnBwdParams& p, const std::vector<BwdCh
       const int seq = static_cast<int>(pair / p.h_kv), h_kv = static_cast<int>(pair % p.h_kv);
       const int64_t k_begin = p.cu_seqlens_k[seq];
       const int len_k = p.cu_seqlens_k[seq + 1] - static_cast<int>(k_begin);
-      const auto dk = strided_rows(static_cast<T*>(p.dk) + k_begin * p.dk_row_stride + h_kv * p.dk_head_stride, p.dk_row_stride);
-      const auto dv = strided_rows(static_cast<T*>(p.dv) + k_begin * p.dv_row_stride + h_kv * p.dv_head_stride, p.dv_row_stride);
+      const auto dk =
+          strided_rows(static_cast<T*>(p.dk) + k_begin * p.dk_row_stride + h_kv * p.dk_head_stride, p.dk_row_stride);
+      const auto dv =
+          strided_rows(static_cast<T*>(p.dv) + k_begin * p.dv_row_stride + h_kv * p.dv_head_stride, p.dv_row_stride);
       for (int r = 0; r < len_k; ++r) {
         std::fill(sum.begin(), sum.end(), 0.f);
         for (size_t c = first[pair]; c < first[pair + 1]; ++c) {

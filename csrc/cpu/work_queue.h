@@ -50,7 +50,8 @@ void run_by_head_heavy_first(std::vector<WorkItem>& items, MakeScratch make_scra
   std::vector<std::pair<int64_t, int64_t>> totals;  // ((seq, head) key, summed cost)
   auto key = [](const WorkItem& w) { return (static_cast<int64_t>(w.seq) << 32) | static_cast<uint32_t>(w.head); };
   std::vector<WorkItem> sorted_items(items);
-  std::sort(sorted_items.begin(), sorted_items.end(), [&](const WorkItem& a, const WorkItem& b) { return key(a) < key(b); });
+  std::sort(sorted_items.begin(), sorted_items.end(),
+            [&](const WorkItem& a, const WorkItem& b) { return key(a) < key(b); });
   for (const WorkItem& w : sorted_items) {
     if (totals.empty() || totals.back().first != key(w)) totals.push_back({key(w), 0});
     totals.back().second += w.cost;
