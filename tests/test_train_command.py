@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import random
 import shutil
 import subprocess
 import sys
@@ -48,17 +47,6 @@ def _log(out: pathlib.Path) -> list[dict]:
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
-
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread too, and leave the thread count and the RNG states as they found them."""
-    n = torch.get_num_threads()
-    py_state = random.getstate()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng(devices=[]):
-        yield
-    torch.set_num_threads(n)
-    random.setstate(py_state)
 
 
 def test_shipped_dataset_is_the_generator_output():

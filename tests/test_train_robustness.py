@@ -11,7 +11,6 @@ import builtins
 import io
 import json
 import pathlib
-import random
 import shutil
 
 import pytest
@@ -33,17 +32,6 @@ from ism_ext.training.loss_log import LOSS_FILE, append_record, open_loss_log, r
 
 SETTINGS = dict(batch_size=4, save_every=2, progress=False, log_every=1000)
 
-
-@pytest.fixture
-def one_thread():
-    """One thread, and the thread count and RNG states left as they were found."""
-    n = torch.get_num_threads()
-    py_state = random.getstate()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng(devices=[]):
-        yield
-    torch.set_num_threads(n)
-    random.setstate(py_state)
 
 
 def _log(out: pathlib.Path) -> list[dict]:
