@@ -2,7 +2,8 @@
 #include "isa_prelude.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// GCC 12's own _mm512_reduce_* helpers trip -Wmaybe-uninitialized on an undefined-value idiom they use.
+// GCC 12's own _mm512_max_ps (and friends) pass _mm512_undefined_ps() as the unused merge source, which trips
+// -Wmaybe-uninitialized in every caller.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define ISM_ISA_NS avx512
 #define ISM_ISA_SIMD "simd_avx512.h"

@@ -28,8 +28,6 @@ struct Vec {
   // max(a, b) returns b where either is NaN (the SSE rule): callers put the value whose NaN must survive second.
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
-  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
-  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static V neg_inf_to_zero(V x) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-__builtin_inff()), _CMP_EQ_OQ), x, zero());
   }

@@ -35,11 +35,6 @@ struct Vec {
   // The SSE rule, written out: b where either is NaN.
   static V max(V a, V b) { return a > b ? a : b; }
   static V min(V a, V b) { return a < b ? a : b; }
-  static float hsum(V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-  static float hmax(V v) {
-    const float x = v[0] > v[1] ? v[0] : v[1], y = v[2] > v[3] ? v[2] : v[3];
-    return x > y ? x : y;
-  }
   static V neg_inf_to_zero(V x) { return x == set1(-__builtin_inff()) ? zero() : x; }
 
   static V keep_visible(V x, const int32_t* limit, int key, V fill) {
