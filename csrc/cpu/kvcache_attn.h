@@ -88,6 +88,7 @@ template <typename T>
 void combine_chunks(const KVCacheAttnParams& p, int b, int h_kv, int group, int splits, const float* out_parts,
                     const float* lse_parts) {
   const int lq = p.seqlen_q, m = group * lq, d = p.head_dim, h0 = h_kv * group;
+  std::vector<float> weight(splits);  // exp(lse_c - lse_max) of each chunk, once per row
   for (int r = 0; r < m; ++r) {
     float top = -std::numeric_limits<float>::infinity();
     bool nan = false;  // a chunk whose scores were NaN makes the whole row NaN, as one unsplit pass would
@@ -109,12 +110,10 @@ void combine_chunks(const KVCacheAttnParams& p, int b, int h_kv, int group, int 
       continue;
     }
     float total = 0.f;
-    for (int c = 0; c < splits; ++c) total += std::exp(lse_parts[c * m + r] - top);
+    for (int c = 0; c < splits; ++c) total += weight[c] = std::exp(lse_parts[c * m + r] - top);
     for (int col = 0; col < d; ++col) {
       float acc = 0.f;
-      for (int c = 0; c < splits; ++c) {
-        acc += std::exp(lse_parts[c * m + r] - top) * out_parts[(static_cast<int64_t>(c) * m + r) * d + col];
-      }
+      for (int c = 0; c < splits; ++c) acc += weight[c] * out_parts[(static_cast<int64_t>(c) * m + r) * d + col];
       dst[col] = static_cast<T>(acc / total);
     }
     *lse = top + std::log(total);
