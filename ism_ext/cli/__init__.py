@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": "the quick benchmarks that apply to this machine, as one table",
     "train": "fine-tune a model on multi-turn chats in one ISM pass per dialogue",
     "distill": "adapt a causal chat model to ISM masks by self-distillation (no dataset needed)",
+    "serve": "vLLM's OpenAI-compatible server with ISM chat (SmolLM2 + the shipped adapter, offline)",
 }
 
 

@@ -6,6 +6,7 @@ Both wrappers (listed in `internals.py`) leave an engine without ``additional_co
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .chat import chat_extra_args
 from .config import IsmServingConfig
@@ -17,6 +18,17 @@ _OFFLINE_UNSUPPORTED = {"chat_template": None, "tools": None, "continue_final_me
                         "add_generation_prompt": True, "mm_processor_kwargs": None}
 
 
+def _server_template_kwargs(serving_chat: Any, request: Any) -> dict:
+    """The template variables of a chat request (server defaults, then the request's own); ValueError for request
+    fields the project's renderer does not take."""
+    given = [name for name, default in _OFFLINE_UNSUPPORTED.items()
+             if name != "mm_processor_kwargs" and getattr(request, name, default) not in (default, None, [])]
+    if given:
+        raise ValueError(f"an ISM chat request is rendered with the model's chat template and the project's turn "
+                         f"renderer; it does not take {', '.join(given)}")
+    return {**serving_chat.default_chat_template_kwargs, **(request.chat_template_kwargs or {})}
+
+
 def _server_chat(original: Callable) -> Callable:
     async def render_chat_request(self, request):
         result = await original(self, request)
@@ -25,7 +37,7 @@ def _server_chat(original: Callable) -> Callable:
             return result  # no ISM, or vLLM's own error response
         conversation, engine_inputs = result
         try:
-            kwargs = self._effective_chat_template_kwargs(request)
+            kwargs = _server_template_kwargs(self, request)
             token_ids, extra = chat_extra_args(self.renderer.tokenizer, request.messages, request.vllm_xargs,
                                                serving, kwargs)
         except ValueError as e:
