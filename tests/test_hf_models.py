@@ -286,9 +286,9 @@ def test_transformers_version_is_checked():
 
     with pytest.raises(ImportError, match="needs transformers >=5.0,<6, found 4.46.0"):
         ism_hf.check_transformers_version("4.46.0")
-    with pytest.warns(UserWarning, match="checked with transformers >=5.23,<5.24, found 5.22.0"):
+    with pytest.warns(UserWarning, match="checked with transformers >=5.19,<5.20, found 5.22.0"):
         ism_hf.check_transformers_version("5.22.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ism_hf.check_transformers_version("5.23.0")
+        ism_hf.check_transformers_version("5.19.0")
         ism_hf.check_transformers_version()  # the installed (pinned) release

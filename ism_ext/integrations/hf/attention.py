@@ -90,8 +90,8 @@ def ism_mask_function(
 ) -> IsmMask:
     """The `AttentionMaskInterface` entry of `"ism"`: records the padding mask and the sizes, builds nothing.
 
-    transformers 5.23 (the pinned release, `check_transformers_version`) passes `q_length` and `device`; older
-    5.x releases passed `cache_position` instead, which is still read when `q_length` is missing.
+    transformers 5.19 (the pinned release, `check_transformers_version`) and 5.23 pass `q_length` and `device`;
+    older 5.x releases passed `cache_position` instead, which is still read when `q_length` is missing.
     """
     if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
         raise ValueError(

