@@ -17,7 +17,7 @@ BUILD_INPUTS := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -
                 setup.py pyproject.toml requirements.txt requirements-nodeps.txt requirements-vllm.txt \
                 tools/placeholder_wheels.py $(PLACEHOLDER_LISTS)
 
-.PHONY: demo test install lint cuda-check bench clean
+.PHONY: demo test install lint cuda-check bench serve clean
 
 $(PY):
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -51,6 +51,10 @@ lint: $(STAMP)
 cuda-check:
 	cmake -S . -B build/cuda-check -DISM_WITH_TORCH=OFF -DISM_PYTHON=$(abspath $(PY)) >/dev/null
 	cmake --build build/cuda-check --target cuda_compile_check
+
+# vLLM's OpenAI-compatible server with ISM chat on 127.0.0.1:8000 (SmolLM2 + the shipped adapter, offline).
+serve: $(STAMP)
+	$(PY) -m ism_ext serve
 
 bench: $(STAMP)
 	$(PY) -m ism_ext bench
