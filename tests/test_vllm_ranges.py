@@ -135,3 +135,42 @@ def test_block_hash_keys_cover_what_a_blocks_keys_and_values_depend_on():
     assert block_hash_keys(ranges, tokens, 32, 48) == (("ism", 4, 40),)
     assert block_hash_keys(((4, 41),), tokens, 32, 48) != block_hash_keys(ranges, tokens, 32, 48)
     assert block_hash_keys(ranges, tokens, 48, 64) == (("ism", 50, 52),)
+
+
+def test_serving_config_from_additional_config():
+    from types import SimpleNamespace
+
+    from ism_ext.integrations.vllm.config import IsmServingConfig
+
+    assert IsmServingConfig.from_vllm_config(SimpleNamespace(additional_config={})) is None
+    assert IsmServingConfig.from_vllm_config(SimpleNamespace(additional_config=None)) is None
+    assert IsmServingConfig.from_vllm_config(SimpleNamespace(additional_config={"ism": {}})).scheme == "ism"
+    assert IsmServingConfig.from_mapping({"scheme": "mas"}).scheme == "mas"
+    with pytest.raises(ValueError, match="unknown keys \\['schema'\\]"):
+        IsmServingConfig.from_mapping({"schema": "mas"})
+    with pytest.raises(ValueError, match="scheme'\\] must be one of"):
+        IsmServingConfig.from_mapping({"scheme": "bidirectional"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        IsmServingConfig.from_mapping("ism")
+
+
+def test_chat_messages_as_text():
+    from ism_ext.integrations.vllm.chat import text_messages
+
+    parts = [{"type": "text", "text": "what is "}, {"type": "text", "text": "this"}]
+    assert text_messages([{"role": "user", "content": parts}]) == [{"role": "user", "content": "what is this"}]
+    with pytest.raises(ValueError, match=r"messages\[1\].content: ISM serving renders text only"):
+        text_messages([{"role": "system", "content": "hi"},
+                       {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ValueError, match=r"messages\[0\]: tool calls"):
+        text_messages([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}])
+
+
+def test_serve_command_line():
+    from ism_ext.cli.serve import _parser, vllm_serve_argv
+
+    args = _parser().parse_args(["--scheme", "mas", "--port", "8123", "--", "--enforce-eager"])
+    argv = vllm_serve_argv(args, "/models/x")
+    assert argv[:2] == ["--model", "/models/x"] and argv[-1] == "--enforce-eager"
+    assert argv[argv.index("--additional-config") + 1] == '{"ism": {"scheme": "mas"}}'
+    assert "--enable-prefix-caching" in argv and argv[argv.index("--port") + 1] == "8123"
