@@ -174,3 +174,22 @@ def test_serve_command_line():
     assert argv[:2] == ["--model", "/models/x"] and argv[-1] == "--enforce-eager"
     assert argv[argv.index("--additional-config") + 1] == '{"ism": {"scheme": "mas"}}'
     assert "--enable-prefix-caching" in argv and argv[argv.index("--port") + 1] == "8123"
+
+
+def test_model_export_folders(tmp_path, monkeypatch):
+    from ism_ext.integrations.hf.models import DEFAULT_ADAPTER
+    from ism_ext.integrations.vllm.models import default_model_dir, export_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_model_dir().name == "smollm2-135m-instruct-ism"
+    assert default_model_dir(adapter=str(DEFAULT_ADAPTER)).name == "smollm2-135m-instruct-ism"
+    assert default_model_dir(adapter=None).name == "smollm2-135m-instruct"
+    other = default_model_dir(str(tmp_path / "mine"), DEFAULT_ADAPTER)
+    assert other.name.startswith("mine-") and other != default_model_dir(str(tmp_path / "theirs"), DEFAULT_ADAPTER)
+    # A local folder without an adapter is served as it is: nothing is written.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    assert export_model_dir(model=str(tmp_path / "mine"), adapter=None) == tmp_path / "mine"
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        export_model_dir(model=str(tmp_path / "missing"), adapter=None)
