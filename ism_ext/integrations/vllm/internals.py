@@ -20,6 +20,21 @@ render_chat_request``                                                   ranges f
 _add_chat_requests``
 =====================================================================  =========================================
 
+What the wrappers and the backend read or call besides their arguments (checked with 0.32.0 too):
+
+* ``OfflineInferenceMixin._add_completion_requests`` (``LLM.chat`` hands the rendered prompts to it),
+  ``LLM.get_tokenizer``, ``LLM.llm_engine.vllm_config``;
+* ``OpenAIServingChat``: ``engine_client.vllm_config``, ``renderer.tokenizer``, ``default_chat_template_kwargs``,
+  ``create_error_response``; the request's ``messages``, ``vllm_xargs``, ``chat_template_kwargs``, ``tools``,
+  ``chat_template``, ``continue_final_message``, ``add_generation_prompt``; engine inputs of type ``"token"``;
+* ``GPUModelRunner``: ``attn_groups[..][..].metadata_builders``, ``requests[req_id].sampling_params``,
+  ``input_batch.req_ids``;
+* ``Request``: ``sampling_params.extra_args``, ``all_token_ids``, ``num_prompt_tokens``; ``EngineCoreRequest``:
+  ``prompt_token_ids``; ``VllmConfig.scheduler_config.max_num_batched_tokens``;
+* ``CPUAttentionBackend``, ``CPUAttentionBackendImpl``, ``CPUAttentionMetadataBuilder`` (subclassed by
+  `backend.py`), ``CommonAttentionMetadata`` (``num_reqs``, ``num_actual_tokens``, ``query_start_loc_cpu``,
+  ``seq_lens``, ``block_table_tensor``) and the CPU cache layout ``[blocks, kv_heads, block, 2 * head_dim]``.
+
 The attention backend itself goes in through vLLM's public ``register_backend`` (`install_backend`).
 """
 
