@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
               "VLLM_CPU_KVCACHE_SPACE": "1"}
 SYSTEM = "you are a small red cat and you sit on the big mat all day and tell me about the sun and the moon"
-TOL = {"tiny": 2e-5, "smollm2": 2e-4}
+TOL = {"tiny": 2e-5, "smollm2": 1e-4}  # measured at most 4e-7 and 2.9e-5
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from vllm_models import block_ids_of
 
 from ism_ext.integrations.vllm.ranges import (
     block_hash_keys,
@@ -34,13 +35,6 @@ def random_ranges(rng: random.Random, length: int) -> tuple[tuple[int, int], ...
         ranges.append((start, end))
         position = end if rng.random() < 0.5 else end + rng.randint(0, 4)
     return tuple(ranges)
-
-
-def block_ids_of(length: int, ranges) -> list[int]:
-    ids = [-1] * length
-    for n, (start, end) in enumerate(ranges):
-        ids[start:end] = [n] * (end - start)
-    return ids
 
 
 @pytest.mark.parametrize("seed", range(20))

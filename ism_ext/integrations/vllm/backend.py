@@ -93,6 +93,8 @@ class IsmMetadataBuilder(CPUAttentionMetadataBuilder):
                 decode_rows.append(row)
             elif query_len > 1:
                 computed = int(seq_lens[row]) - query_len
+                # The runner hook sets the ranges of every request of the batch before each build; rows past
+                # them are vLLM's dummy requests (memory profiling, warm-up), which have none.
                 ranges = self.batch_ranges[row] if row < len(self.batch_ranges) else ()
                 kv_limit = kv_limit_for_chunk(ranges, computed, query_len).view(1, -1)
                 groups.append(_Group(slice(starts[row], starts[row + 1]), 1, query_len,

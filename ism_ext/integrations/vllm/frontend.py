@@ -13,16 +13,18 @@ from .config import IsmServingConfig
 
 __all__ = ["install"]
 
-# LLM.chat arguments the project's renderer does not take (it renders text dialogues with the model's template).
-_OFFLINE_UNSUPPORTED = {"chat_template": None, "tools": None, "continue_final_message": False,
-                        "add_generation_prompt": True, "mm_processor_kwargs": None}
+# Chat arguments the project's renderer does not take (it renders text dialogues with the model's own template
+# and the generation prompt), with the value that means "not used": request fields on the server, LLM.chat's
+# keyword arguments offline (which also take multimodal processor options).
+_RENDERER_FIXED = {"chat_template": None, "tools": None, "continue_final_message": False, "add_generation_prompt": True}
+_OFFLINE_UNSUPPORTED = {**_RENDERER_FIXED, "mm_processor_kwargs": None}
 
 
 def _server_template_kwargs(serving_chat: Any, request: Any) -> dict:
     """The template variables of a chat request (server defaults, then the request's own); ValueError for request
     fields the project's renderer does not take."""
-    given = [name for name, default in _OFFLINE_UNSUPPORTED.items()
-             if name != "mm_processor_kwargs" and getattr(request, name, default) not in (default, None, [])]
+    given = [name for name, default in _RENDERER_FIXED.items()
+             if getattr(request, name, default) not in (default, None, [])]
     if given:
         raise ValueError(f"an ISM chat request is rendered with the model's chat template and the project's turn "
                          f"renderer; it does not take {', '.join(given)}")
