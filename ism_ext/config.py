@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-__all__ = ["ENV_DEFAULTS", "KernelConfig", "config_from_env", "get_kernel_config", "kernel_config",
-           "set_kernel_config"]
+__all__ = ["ENV_DEFAULTS", "KernelConfig", "config_from_env", "field_names", "get_kernel_config", "kernel_config",
+           "set_kernel_config", "unknown_fields"]
 
 # The environment variable that gives the default of each field.
 ENV_DEFAULTS = {
@@ -77,6 +77,17 @@ def _push_to_ops(config: KernelConfig) -> None:
         ops._set_cuda_kernel_choice(config.hopper_fwd, config.bwd_small_tiles)
 
 
+def field_names(config_class: type) -> list[str]:
+    """The sorted field names of a dataclass configuration."""
+    return sorted(field.name for field in fields(config_class))
+
+
+def unknown_fields(config_class: type, names: Mapping[str, object] | list[str]) -> list[str]:
+    """The sorted ``names`` that are not fields of the dataclass ``config_class`` (the one check of every typed
+    configuration of the package)."""
+    return sorted(set(names) - set(field_names(config_class)))
+
+
 def set_kernel_config(config: KernelConfig | None = None, **choices: bool) -> KernelConfig:
     """Sets the process's configuration: ``config`` whole, or the fields named in ``choices`` changed from the
     current one. Returns the previous configuration (to restore it). Raises TypeError for an unknown field or a
@@ -84,10 +95,9 @@ def set_kernel_config(config: KernelConfig | None = None, **choices: bool) -> Ke
     new = config if config is not None else _Current.value
     if not isinstance(new, KernelConfig):
         raise TypeError(f"config must be a KernelConfig, got {type(new).__name__}")
-    known = {field.name for field in fields(KernelConfig)}
-    unknown = sorted(set(choices) - known)
+    unknown = unknown_fields(KernelConfig, choices)
     if unknown:
-        raise TypeError(f"unknown kernel choice(s) {unknown}; the choices are {sorted(known)}")
+        raise TypeError(f"unknown kernel choice(s) {unknown}; the choices are {field_names(KernelConfig)}")
     new = replace(new, **choices)
     previous, _Current.value = _Current.value, new
     _push_to_ops(new)

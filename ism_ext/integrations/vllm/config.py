@@ -9,9 +9,10 @@ way: vLLM's own attention runs, chats render as vLLM renders them, and requests 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from ...config import field_names, unknown_fields
 from ...masks.schemes import SCHEMES
 
 __all__ = ["CONFIG_KEY", "SCHEME_KEY", "SERVING_SCHEMES", "IsmServingConfig", "check_scheme"]
@@ -48,10 +49,10 @@ class IsmServingConfig:
         """From the ``additional_config["ism"]`` entry (a mapping of the attributes above, possibly empty)."""
         if not isinstance(value, Mapping):
             raise ValueError(f"additional_config['{CONFIG_KEY}'] must be a dict, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = unknown_fields(cls, value)
         if unknown:
-            raise ValueError(f"additional_config['{CONFIG_KEY}'] has unknown keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"additional_config['{CONFIG_KEY}'] has unknown keys {unknown}; "
+                             f"known: {field_names(cls)}")
         return cls(**value)
 
     @classmethod
