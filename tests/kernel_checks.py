@@ -78,6 +78,83 @@ def check_kvcache(dtype: torch.dtype, head_dim: int, paged: bool, new_tokens: in
         assert_close_scaled(lse[b], ref_lse, fwd_tol, f"lse ({what})")
 
 
+def _paged(cache: torch.Tensor, page: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cache` [b, capacity, h, d] scattered over shuffled pages: (pages [n, page, h, d], block table [b, n / b])."""
+    batch, capacity = cache.shape[:2]
+    per_seq = capacity // page
+    table = torch.randperm(batch * per_seq, generator=gen).to(torch.int32).view(batch, per_seq)
+    pages = torch.empty(batch * per_seq, page, *cache.shape[2:], dtype=cache.dtype)
+    pages[table.long()] = cache.view(batch, per_seq, page, *cache.shape[2:])
+    return pages, table
+
+
+def check_decode_rows(dtype: torch.dtype, head_dim: int, group: int, lq: int, page: int, lens: list[int],
+                      limits: str, seed: int) -> None:
+    """Attention over a cache with few query rows per K/V head (decode; the row path of attend_rows.h up to
+    its row limit, the transposed tile past it) against the reference: `page` 0 for a contiguous cache,
+    cache lengths across key-tile ends, per-row limits ("causal": row i sees the cache and new rows <= i,
+    "segment": every new row sees all of them, "random": anything up to the end, 0 included)."""
+    fwd_tol, _ = TOL[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    batch, hkv = len(lens), 2
+    hq = group * hkv
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    unit = page or 1
+    capacity = (max(lens) + lq + unit - 1) // unit * unit
+    q = torch.randn(batch, lq, hq, head_dim, generator=gen).to(dtype)
+    k_new, v_new = (torch.randn(batch, lq, hkv, head_dim, generator=gen).to(dtype) for _ in range(2))
+    history = [torch.randn(batch, capacity, hkv, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    ends = lens_t[:, None] + lq
+    if limits == "causal":
+        limit = lens_t[:, None] + torch.arange(1, lq + 1, dtype=torch.int32)[None, :]
+    elif limits == "segment":
+        limit = ends.expand(batch, lq).contiguous()
+    else:
+        limit = (torch.rand(batch, lq, generator=gen) * (ends + 1)).to(torch.int32)
+    kwargs = dict(cache_seqlens=lens_t, kv_limit=limit, return_lse=True)
+    if page:
+        k_cache, table = _paged(history[0], page, torch.Generator().manual_seed(seed))
+        v_cache, _ = _paged(history[1], page, torch.Generator().manual_seed(seed))  # the same shuffle
+        kwargs["block_table"] = table
+    else:
+        k_cache, v_cache = history[0].clone(), history[1].clone()
+    out, lse = ism_ext.attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kwargs)
+    what = f"{dtype} d={head_dim} group={group} lq={lq} page={page} {limits}"
+    for b, n in enumerate(lens):
+        keys = torch.cat([history[0][b, :n], k_new[b]])
+        values = torch.cat([history[1][b, :n], v_new[b]])
+        cu_q = torch.tensor([0, lq], dtype=torch.int32)
+        cu_k = torch.tensor([0, n + lq], dtype=torch.int32)
+        ref_out, ref_lse = reference_attention(q[b], keys, values, limit[b], cu_q, cu_k, head_dim**-0.5)
+        assert_close_scaled(out[b], ref_out, fwd_tol, f"out ({what}, seq {b})")
+        empty = torch.isinf(ref_lse)
+        assert torch.equal(torch.isneginf(lse[b]), empty), f"lse -inf exactly on rows that see nothing ({what})"
+        assert_close_scaled(lse[b][~empty], ref_lse[~empty], fwd_tol, f"lse ({what}, seq {b})")
+
+
+# Decode shapes: 1 to 16 rows per K/V head (both sides of every build's row-path limit: 3, 6 and 12 rows),
+# head dims with and without a vector tail, contiguous and paged caches (pages of 16, 32, 48 and 80 rows, so
+# key tiles of 128 break into runs), cache lengths at key-tile ends.
+DECODE_ROW_CASES = [
+    (torch.float32, 128, 1, 1, 0, [0, 127, 128, 129], "segment"),
+    (torch.float32, 64, 3, 1, 16, [300, 5, 256], "segment"),
+    (torch.float32, 40, 4, 1, 80, [1, 131, 250], "segment"),
+    (torch.float32, 100, 2, 3, 0, [383, 126], "causal"),
+    (torch.float32, 3, 5, 2, 32, [70, 129], "random"),
+    (torch.float32, 256, 6, 1, 48, [400, 47], "segment"),
+    (torch.float32, 17, 7, 1, 0, [255, 256, 257], "segment"),
+    (torch.float32, 72, 4, 3, 16, [200, 0], "random"),
+    (torch.float32, 128, 8, 1, 16, [600, 33], "segment"),
+    (torch.float32, 64, 12, 1, 0, [513, 2], "segment"),
+    (torch.float32, 64, 13, 1, 80, [140, 64], "segment"),
+    (torch.float32, 32, 16, 1, 0, [129, 300], "causal"),
+    (torch.bfloat16, 128, 4, 1, 16, [300, 128], "segment"),
+    (torch.bfloat16, 40, 1, 2, 80, [77, 200], "random"),
+    (torch.float16, 64, 3, 1, 0, [129, 1000], "segment"),
+    (torch.float16, 136, 7, 2, 48, [96, 300], "causal"),
+]
+
+
 def main() -> None:
     """Runs every check; prints the kernel build that ran and "ok"."""
     for seed, (dtype, head_dim, group, limits) in enumerate([
@@ -91,6 +168,8 @@ def main() -> None:
         (torch.bfloat16, 128, True, 1), (torch.float16, 64, False, 200),
     ]):
         check_kvcache(dtype, head_dim, paged, new_tokens, seed)
+    for seed, case in enumerate(DECODE_ROW_CASES):
+        check_decode_rows(*case, seed=seed)
     print(torch.ops.ism.cpu_kernel_isa(), "ok")
 
 

@@ -93,6 +93,23 @@ def test_nan_in_the_cache_op():
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 0, [0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_nan_key_reaches_only_the_rows_that_see_it(group):
+    """A NaN in a new key of K/V head 0 at position len + 1: the second new row of that head's queries sees it and
+    is NaN; the first row (kv_limit len + 1) and the other head's rows stay finite, in the decode paths."""
+    hkv, d, lens = 2, 32, torch.tensor([130], dtype=torch.int32)
+    q = torch.randn(1, 2, group * hkv, d)
+    k_cache, v_cache = torch.randn(1, 200, hkv, d), torch.randn(1, 200, hkv, d)
+    k_new, v_new = torch.randn(1, 2, hkv, d), torch.randn(1, 2, hkv, d)
+    k_new[0, 1, 0, 3] = float("nan")
+    limit = lens[:, None] + torch.tensor([[1, 2]], dtype=torch.int32)
+    out, lse = ism_ext.attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, kv_limit=limit,
+                                         return_lse=True)
+    assert torch.isnan(out[0, 1, :group]).all() and torch.isnan(lse[0, :group, 1]).all()
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, :, 0]).all()
+    assert torch.isfinite(out[0, 1, group:]).all() and torch.isfinite(lse[0, group:, 1]).all()
+
+
 def test_nan_in_a_row_that_sees_nothing_stays_empty():
     """kv_limit = 0 decides first: nothing is read, so the row is 0 with lse -inf whatever its query holds."""
     q, k, v = torch.randn(4, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16)

@@ -18,6 +18,18 @@ struct FwdScratch {
 
 inline int pad_lanes(int m) { return (m + Vec::W - 1) / Vec::W * Vec::W; }
 
+// The end of a query tile: out = acc / row_sum and lse in natural log, from the final softmax state in w.
+template <typename ORows>
+void finish_rows(int m, int d, const ORows& out, float* lse, FwdScratch& w) {
+  for (int r = 0; r < m; ++r) {
+    const float l = w.row_sum[r];
+    // A row that sees nothing has l = 0: output 0 and lse -inf, never 0/0. NaN passes through both.
+    w.out_scale[r] = l == 0.f ? 0.f : 1.f / l;
+    lse[r] = l == 0.f ? -std::numeric_limits<float>::infinity() : (w.row_max[r] + std::log2(l)) * kLn2;
+  }
+  store_rows(w.acc.data(), d, m, d, w.out_scale.data(), out, 0);
+}
+
 // Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
 // (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
 // `max_limit` is the largest limit of the m rows: key tiles at or past it are never read.
@@ -50,14 +62,7 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
          w.alpha.data());
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
-
-  for (int r = 0; r < m; ++r) {
-    const float l = w.row_sum[r];
-    // A row that sees nothing has l = 0: output 0 and lse -inf, never 0/0. NaN passes through both.
-    w.out_scale[r] = l == 0.f ? 0.f : 1.f / l;
-    lse[r] = l == 0.f ? -std::numeric_limits<float>::infinity() : (w.row_max[r] + std::log2(l)) * kLn2;
-  }
-  store_rows(w.acc.data(), d, m, d, w.out_scale.data(), out, 0);
+  finish_rows(m, d, out, lse, w);
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

@@ -25,6 +25,7 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #include "tile_stage.h"
 #include "softmax_cols.h"
 #include "attend_tile.h"
+#include "attend_rows.h"
 #include "segment_attn_fwd.h"
 #include "segment_attn_bwd.h"
 #include "kvcache_attn.h"

@@ -76,7 +76,7 @@ void attend_chunk(const KVCacheAttnParams& p, int b, int h_kv, int group, int c0
   const GroupedRows<const T> q{static_cast<const T*>(p.q) + b * p.q_batch_stride + h0 * p.q_head_stride,
                                p.q_row_stride, p.q_head_stride, lq};
   with_cache_rows<T>(p, b, h_kv, [&](auto k_rows, auto v_rows) {
-    attend_query_tile(q, m, w.limit.data(), chunk_max, OffsetRows<decltype(k_rows)>{k_rows, c0},
+    attend_rows(q, m, w.limit.data(), chunk_max, OffsetRows<decltype(k_rows)>{k_rows, c0},
                       OffsetRows<decltype(v_rows)>{v_rows, c0}, p.head_dim, p.softmax_scale,
                       strided_rows(out, p.head_dim), lse, w.fwd);
   });

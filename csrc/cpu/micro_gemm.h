@@ -128,12 +128,13 @@ void last_panel(int nv, int m, int k, const float* a, int64_t a_rs, int64_t a_cs
 }
 
 // C[m x n] (mode) A[m x k] * B[k x n]. row_scale (m floats) is read only with CMode::kScaleAdd; `epi` sees
-// every block of C before it is stored.
-template <typename Epi = NoEpilogue>
+// every block of C before it is stored. NV, the vectors of a column panel, is the instruction set's square
+// block unless a caller with few rows asks for a wider one (attend_rows.h).
+template <int NV = Vec::kNV, typename Epi = NoEpilogue>
 void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
           int64_t ldc, CMode mode, const float* row_scale = nullptr, const Epi& epi = Epi{}) {
   if (m <= 0 || n <= 0) return;
-  constexpr int W = Vec::W, NV = Vec::kNV, kPanel = NV * W;
+  constexpr int W = Vec::W, kPanel = NV * W;
   int j = 0;
   for (; j + kPanel <= n; j += kPanel) {
     panel<NV, false>(m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, W, j, epi);

@@ -1,12 +1,13 @@
 // Where the rows of a tensor live: small accessors, `rows(i)` -> pointer to row i, so that one kernel
 // serves strided tensors, a query group of several heads and paged KV caches. `contiguous(r0, n, &stride)`
 // says whether rows r0 .. r0 + n - 1 are evenly spaced (then a kernel reads them in place instead of
-// copying them into a tile buffer).
+// copying them into a tile buffer); `run(r0, n)` is how many of them, from r0 on, are.
 //
 // Included before any instruction-set pragma (see kernels_avx2.cpp): these are plain code, shared by all
 // instruction-set builds.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -23,6 +24,7 @@ struct StridedRows {
     *row_stride = stride;
     return true;
   }
+  int run(int64_t, int n) const { return n; }
 };
 
 template <typename T>
@@ -42,6 +44,7 @@ struct PagedRows {
     *stride = row_stride;
     return r0 % page_size + n <= page_size;
   }
+  int run(int64_t r0, int n) const { return std::min<int64_t>(n, page_size - r0 % page_size); }
 };
 
 // Row r of the query heads h0 .. h0 + group - 1 that share one K/V head, head-major: head h0 + r / seqlen,
@@ -54,6 +57,7 @@ struct GroupedRows {
   int seqlen;
   T* operator()(int64_t r) const { return base + (r % seqlen) * row_stride + (r / seqlen) * head_stride; }
   bool contiguous(int64_t, int, int64_t*) const { return false; }
+  int run(int64_t, int) const { return 1; }
 };
 
 // Rows i0, i0 + 1, ... of an accessor as rows 0, 1, ...: one key chunk of a split cache.
@@ -63,6 +67,7 @@ struct OffsetRows {
   int64_t i0;
   auto operator()(int64_t i) const { return rows(i0 + i); }
   bool contiguous(int64_t r0, int n, int64_t* stride) const { return rows.contiguous(i0 + r0, n, stride); }
+  int run(int64_t r0, int n) const { return rows.run(i0 + r0, n); }
 };
 
 template <typename Rows>

@@ -11,6 +11,8 @@ struct Vec {
   // of B, 1 the broadcast of A (the classic 6 x 16 AVX2 SGEMM kernel).
   static constexpr int kMR = 6;
   static constexpr int kNV = 2;
+  static constexpr int kRegs = 16;  // vector registers
+  static constexpr int kFewRowsMaxNV = 8;  // widest panel of a product with few rows (attend_rows.h)
   using V = __m256;
   using I = __m256i;
 
@@ -47,6 +49,14 @@ struct Vec {
   }
   static V zero_below(V x, float bound, V r) {
     return _mm256_blendv_ps(r, zero(), _mm256_cmp_ps(x, set1(bound), _CMP_LT_OQ));
+  }
+
+  // Lane i of the result is the sum of a[i]'s lanes: the W dot products of a block of keys against one query
+  // reduced at once (horizontal adds, then the two 128-bit halves added across).
+  static V sum_each(const V (&a)[W]) {
+    const V s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const V s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return add(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
   }
 
   // W elements of a half-precision row as float32.

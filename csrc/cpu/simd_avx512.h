@@ -11,6 +11,8 @@ struct Vec {
   // row of B, 1 the broadcast of A. Four B loads and six broadcasts feed 24 FMAs per k step.
   static constexpr int kMR = 6;
   static constexpr int kNV = 4;
+  static constexpr int kRegs = 32;  // vector registers
+  static constexpr int kFewRowsMaxNV = 4;  // widest panel of a product with few rows (attend_rows.h)
   using V = __m512;
   using I = __m512i;
 
@@ -46,6 +48,24 @@ struct Vec {
   }
   static V zero_below(V x, float bound, V r) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(bound), _CMP_LT_OQ), r, zero());
+  }
+
+  // Lane i of the result is the sum of a[i]'s lanes: the W dot products of a block of keys against one query
+  // reduced at once (a transpose folded into the additions: 45 instructions for 256 floats). Each step adds
+  // two vectors' halves side by side, so the partial sums of a[i] stay in the quarter that ends as lane i.
+  static V sum_each(const V (&a)[W]) {
+    V half[8], quarter[4];
+    for (int i = 0; i < 8; ++i) {  // a[i] and a[i + 4] (i in 0..3, 8..11) as 8 partial sums each
+      const int x = i < 4 ? i : i + 4;
+      half[i] = add(_mm512_shuffle_f32x4(a[x], a[x + 4], 0x44), _mm512_shuffle_f32x4(a[x], a[x + 4], 0xEE));
+    }
+    for (int i = 0; i < 4; ++i) {  // quarters: a[i], a[i + 4], a[i + 8], a[i + 12], 4 partial sums each
+      quarter[i] = add(_mm512_shuffle_f32x4(half[i], half[i + 4], 0x88),
+                       _mm512_shuffle_f32x4(half[i], half[i + 4], 0xDD));
+    }
+    const V pair01 = add(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44), _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
+    const V pair23 = add(_mm512_shuffle_ps(quarter[2], quarter[3], 0x44), _mm512_shuffle_ps(quarter[2], quarter[3], 0xEE));
+    return add(_mm512_shuffle_ps(pair01, pair23, 0x88), _mm512_shuffle_ps(pair01, pair23, 0xDD));
   }
 
   // W elements of a half-precision row as float32.

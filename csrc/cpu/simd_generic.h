@@ -9,6 +9,8 @@ struct Vec {
   static constexpr int W = 4;
   static constexpr int kMR = 4;  // 4 x 2 vectors of C in 8 of the 16 baseline registers
   static constexpr int kNV = 2;
+  static constexpr int kRegs = 16;  // vector registers (SSE2 and NEON have at least 16)
+  static constexpr int kFewRowsMaxNV = 8;  // widest panel of a product with few rows (attend_rows.h)
   typedef float V __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
 
@@ -52,6 +54,13 @@ struct Vec {
     return r;
   }
   static V zero_below(V x, float bound, V r) { return x < set1(bound) ? zero() : r; }
+
+  // Lane i of the result is the sum of a[i]'s lanes.
+  static V sum_each(const V (&a)[W]) {
+    V out;
+    for (int i = 0; i < W; ++i) out[i] = (a[i][0] + a[i][1]) + (a[i][2] + a[i][3]);
+    return out;
+  }
 
   template <typename T>
   static V load_cvt(const T* p) {
