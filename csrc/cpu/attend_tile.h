@@ -30,6 +30,30 @@ void finish_rows(int m, int d, const ORows& out, float* lse, FwdScratch& w) {
   store_rows(w.acc.data(), d, m, d, w.out_scale.data(), out, 0);
 }
 
+// Boundary key tiles (some row sees only part of them) go in sub-tiles of this many keys: a sub-tile skips the
+// leading query lanes that see none of its keys, so a causal diagonal tile computes about 5/8 of its pairs
+// instead of all of them, and the boundary tiles of a segment layout shrink the same way.
+constexpr int kSubTileK = 32;
+
+// Running state of attend_query_tile's accumulator: rows [acc_from, m) have been written by a P V product,
+// the rows above have not (they have seen no key yet).
+struct AccRows {
+  int acc_from;
+
+  // The mode of a P V product into rows [c0, m): the first product overwrites; rows entering later start
+  // from zero, then every product rescales (their alpha is 0 while they had seen nothing).
+  CMode before_product(int c0, int d, float* acc) {
+    if (acc_from == c0) return CMode::kScaleAdd;
+    const bool first = acc_from == kNone;
+    if (!first && c0 < acc_from) {
+      std::fill(acc + static_cast<int64_t>(c0) * d, acc + static_cast<int64_t>(acc_from) * d, 0.f);
+    }
+    acc_from = first ? c0 : std::min(acc_from, c0);
+    return first ? CMode::kSet : CMode::kScaleAdd;
+  }
+  static constexpr int kNone = 1 << 30;
+};
+
 // Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
 // (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
 // `max_limit` is the largest limit of the m rows: key tiles at or past it are never read.
@@ -46,22 +70,36 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     w.row_max[r] = -std::numeric_limits<float>::infinity();
     w.row_sum[r] = 0.f;
   }
-  const SoftmaxState state{w.row_max.data(), w.row_sum.data(), w.alpha.data()};
+  AccRows acc_rows{AccRows::kNone};
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
     const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
     const FloatTile vt = stage_rows(v, k0, n, d, w.v.data());
-    std::fill(w.tile_max.begin(), w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
-    const MaskAndColumnMax mask_max{w.limit.data(), k0, !key_tile_is_full(min_limit, k0, n), w.tile_max.data()};
-    gemm(n, m_pad, d, kt.p, kt.ld, 1, w.qt.data(), m_pad, w.st.data(), m_pad, CMode::kSet, nullptr, mask_max);
-    softmax_update_cols(w.st.data(), n, m_pad, m_pad, w.tile_max.data(), state);
-    // acc = diag(alpha) acc + P V, P read from S^T through its strides; the first tile overwrites.
-    gemm(m, d, n, w.st.data(), 1, m_pad, vt.p, vt.ld, w.acc.data(), d, t == 0 ? CMode::kSet : CMode::kScaleAdd,
-         w.alpha.data());
+    const bool masked = !key_tile_is_full(min_limit, k0, n);
+    const int step = masked ? kSubTileK : n;
+    for (int s0 = 0; s0 < n; s0 += step) {
+      const int ks = k0 + s0, ns = std::min(step, n - s0);
+      int first = 0;  // rows before `first` see none of keys [ks, ks + ns): their lanes are skipped
+      while (first < m && w.limit[first] <= ks) ++first;
+      if (first == m) continue;
+      const int c0 = first / Vec::W * Vec::W, cols = m_pad - c0;
+      std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
+      const MaskAndColumnMax mask_max{w.limit.data() + c0, ks, masked, w.tile_max.data() + c0};
+      gemm(ns, cols, d, kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, m_pad, w.st.data() + c0, m_pad, CMode::kSet,
+           nullptr, mask_max);
+      softmax_update_cols(w.st.data() + c0, ns, m_pad, cols, w.tile_max.data() + c0,
+                          SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
+      // acc = diag(alpha) acc + P V on rows [c0, m), P read from S^T through its strides.
+      float* acc = w.acc.data();
+      const CMode mode = acc_rows.before_product(c0, d, acc);
+      gemm(m - c0, d, ns, w.st.data() + c0, 1, m_pad, vt.p + s0 * vt.ld, vt.ld, acc + static_cast<int64_t>(c0) * d,
+           d, mode, w.alpha.data() + c0);
+    }
   }
-  if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
+  const int unwritten = std::min(acc_rows.acc_from, m);  // rows that saw no key: 0 before the 1 / row_sum of 0
+  std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(unwritten) * d, 0.f);
   finish_rows(m, d, out, lse, w);
 }
 

@@ -59,6 +59,26 @@ struct Vec {
     return add(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
   }
 
+  // In place: a[c] becomes column c of the W x W block whose rows were a[0..W) (lane i of a[c] = old a[i][c]).
+  static void transpose(V (&a)[W]) {
+    V t[W], u[W];
+    for (int i = 0; i < W; i += 2) {
+      t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int g = 0; g < 2; ++g) {  // u[4 g + j]: rows 4g..4g+3 of columns j (low half) and j + 4 (high half)
+      const V* x = t + 4 * g;
+      u[4 * g + 0] = _mm256_shuffle_ps(x[0], x[2], 0x44);
+      u[4 * g + 1] = _mm256_shuffle_ps(x[0], x[2], 0xEE);
+      u[4 * g + 2] = _mm256_shuffle_ps(x[1], x[3], 0x44);
+      u[4 * g + 3] = _mm256_shuffle_ps(x[1], x[3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+      a[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+  }
+
   // W elements of a half-precision row as float32.
   static V load_cvt(const c10::BFloat16* p) {
     const I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -68,6 +68,33 @@ struct Vec {
     return add(_mm512_shuffle_ps(pair01, pair23, 0x88), _mm512_shuffle_ps(pair01, pair23, 0xDD));
   }
 
+  // In place: a[c] becomes column c of the W x W block whose rows were a[0..W) (lane i of a[c] = old a[i][c]).
+  // Within 128-bit blocks first (unpack, then 2-lane shuffles: 4 rows x 1 column per block), then the 4 x 4
+  // transpose of the blocks themselves: 64 shuffles.
+  static void transpose(V (&a)[W]) {
+    V t[W], u[W];
+    for (int i = 0; i < W; i += 2) {
+      t[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int g = 0; g < 4; ++g) {  // u[4 g + j]: rows 4g..4g+3, column 4b + j in block b
+      const V* x = t + 4 * g;
+      u[4 * g + 0] = _mm512_shuffle_ps(x[0], x[2], 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(x[0], x[2], 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(x[1], x[3], 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(x[1], x[3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const V y0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), y1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+      const V y2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+      const V y3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+      a[j] = _mm512_shuffle_f32x4(y0, y2, 0x88);
+      a[4 + j] = _mm512_shuffle_f32x4(y0, y2, 0xDD);
+      a[8 + j] = _mm512_shuffle_f32x4(y1, y3, 0x88);
+      a[12 + j] = _mm512_shuffle_f32x4(y1, y3, 0xDD);
+    }
+  }
+
   // W elements of a half-precision row as float32.
   static V load_cvt(const c10::BFloat16* p) {
     const I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -62,6 +62,15 @@ struct Vec {
     return out;
   }
 
+  // In place: a[c] becomes column c of the W x W block whose rows were a[0..W).
+  static void transpose(V (&a)[W]) {
+    V t[W];
+    for (int c = 0; c < W; ++c) {
+      for (int i = 0; i < W; ++i) t[c][i] = a[i][c];
+    }
+    for (int c = 0; c < W; ++c) a[c] = t[c];
+  }
+
   template <typename T>
   static V load_cvt(const T* p) {
     return V{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]), static_cast<float>(p[3])};

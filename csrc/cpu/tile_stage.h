@@ -11,17 +11,23 @@ struct FloatTile {
   int64_t ld;
 };
 
+// W elements of a row as float32 (converted from half precision).
+template <typename T>
+inline typename Vec::V load_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::load(p);
+  } else {
+    return Vec::load_cvt(p);
+  }
+}
+
 // dst[c] = scale * src[c] for c < d.
 template <typename T>
 inline void convert_row(const T* src, int d, float scale, float* dst) {
   constexpr int W = Vec::W;
   const auto s = Vec::set1(scale);
   int c = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; c + W <= d; c += W) Vec::store(dst + c, Vec::mul(Vec::load(src + c), s));
-  } else {
-    for (; c + W <= d; c += W) Vec::store(dst + c, Vec::mul(Vec::load_cvt(src + c), s));
-  }
+  for (; c + W <= d; c += W) Vec::store(dst + c, Vec::mul(load_as_float(src + c), s));
   for (; c < d; ++c) dst[c] = static_cast<float>(src[c]) * scale;
 }
 
@@ -39,16 +45,28 @@ FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
 }
 
 // dst[c][i] = scale * rows(r0 + i)[c] for i < m, c < d; zeros for i in [m, ld). The transposed query-side
-// tile (once per query tile, reused against every key tile).
-// Written row of dst by row of dst (strided reads, contiguous writes: a column-wise write would allocate a
-// cache line per element). m <= kTileQ.
+// tile (once per query tile, reused against every key tile). Blocks of W rows x W columns are transposed in
+// registers (Vec::transpose); the leftover rows and columns go element by element, reading strided and
+// writing contiguous (a column-wise write would allocate a cache line per element). m <= kTileQ.
 template <typename Rows>
 void pack_transposed(const Rows& rows, int64_t r0, int m, int d, float scale, float* dst, int ld) {
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
   const row_element_t<Rows>* src[kTileQ];
   for (int i = 0; i < m; ++i) src[i] = rows(r0 + i);
+  const V s = Vec::set1(scale);
+  const int m_full = m / W * W, d_full = d / W * W;
+  for (int i0 = 0; i0 < m_full; i0 += W) {
+    for (int c0 = 0; c0 < d_full; c0 += W) {
+      V block[W];
+      for (int i = 0; i < W; ++i) block[i] = Vec::mul(load_as_float(src[i0 + i] + c0), s);
+      Vec::transpose(block);
+      for (int c = 0; c < W; ++c) Vec::store(dst + static_cast<int64_t>(c0 + c) * ld + i0, block[c]);
+    }
+  }
   for (int c = 0; c < d; ++c) {
     float* out = dst + static_cast<int64_t>(c) * ld;
-    for (int i = 0; i < m; ++i) out[i] = static_cast<float>(src[i][c]) * scale;
+    for (int i = c < d_full ? m_full : 0; i < m; ++i) out[i] = static_cast<float>(src[i][c]) * scale;
     std::fill(out + m, out + ld, 0.f);
   }
 }
