@@ -1,6 +1,7 @@
 """CPU benchmark of the op against PyTorch on the same machine, in one process: the goals of docs/performance.md.
 
-    python benchmarks/bench_cpu.py            # full sweep -> results/cpu_attention_<isa>.{json,png}
+    python benchmarks/bench_cpu.py            # full sweep -> results/cpu_attention_<torch capability>.{json,png}
+    python benchmarks/bench_cpu.py --dtype bfloat16   # -> results/cpu_attention_<capability>_bfloat16.*
     python benchmarks/bench_cpu.py --quick    # a small sweep, to try it out
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_cpu.py
                                               # an AVX-512 machine run as an AVX2 one: torch and the op both
@@ -78,13 +79,13 @@ def prefill_records(layout: str, tokens: int, head_dim: int, dtype: torch.dtype,
     return records
 
 
-def decode_records(batch: int, cache: int, repeats: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+def decode_records(batch: int, cache: int, dtype: torch.dtype, repeats: int, env: dict[str, Any]) -> list[dict[str, Any]]:
     """One decode step (a token per sequence, appended and attended) against SDPA over the same cache."""
     hq, hkv, d = 32, 8, 128
     gen = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(batch, cache + 1, hkv, d, generator=gen)
-    v_cache = torch.randn(batch, cache + 1, hkv, d, generator=gen)
-    q, k1, v1 = (torch.randn(batch, 1, h, d, generator=gen) for h in (hq, hkv, hkv))
+    k_cache = torch.randn(batch, cache + 1, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, cache + 1, hkv, d, generator=gen).to(dtype)
+    q, k1, v1 = (torch.randn(batch, 1, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     lens = torch.full((batch,), cache, dtype=torch.int32)
     limit = (lens + 1)[:, None]
     keys = k_cache.permute(0, 2, 1, 3)  # [b, hkv, cache + 1, d] views of the same storage
@@ -101,7 +102,8 @@ def decode_records(batch: int, cache: int, repeats: int, env: dict[str, Any]) ->
     records = []
     for impl, fn in (("ism", ours), ("sdpa_cache", sdpa)):
         ms = median_ms(fn, repeats, warmup=2)
-        records.append({"bench": "cpu_decode", "impl": impl, "layout": "decode", "dtype": "float32", "head_dim": d,
+        records.append({"bench": "cpu_decode", "impl": impl, "layout": "decode", "dtype": str(dtype).split(".")[-1],
+                        "head_dim": d,
                         "heads": hq, "kv_heads": hkv, "batch": batch, "cache": cache, "ms_median": ms,
                         "gflops": flops / (ms * 1e-3) / 1e9, "kv_gb_per_s": 2 * batch * (cache + 1) * hkv * d * 4
                         / (ms * 1e-3) / 1e9, "repeats": repeats, **env})
@@ -191,7 +193,9 @@ def main() -> None:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--decode-caches", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--name", default=None, help="results/<name>.json and .png (default cpu_attention_<isa>)")
+    parser.add_argument("--name", default=None,
+                        help="results/<name>.json and .png (default cpu_attention_<torch capability>, _<dtype> added "
+                        "unless float32)")
     parser.add_argument("--quick", action="store_true", help="1024 tokens, head dim 64, two decode shapes")
     args = parser.parse_args()
     if args.quick:
@@ -209,8 +213,10 @@ def main() -> None:
             _, layout, tokens, hd, bwd = job
             records += prefill_records(layout, tokens, hd, dtype, args.heads, bwd, args.repeats, env)
         else:
-            records += decode_records(job[1], job[2], args.repeats, env)
-    path = write_records(args.name or f"cpu_attention_{env['kernel_isa']}", records)
+            records += decode_records(job[1], job[2], dtype, args.repeats, env)
+    # Named by torch's capability (the level torch and the op were capped at), and the dtype unless float32.
+    suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
+    path = write_records(args.name or f"cpu_attention_{env['cpu_capability'].lower()}{suffix}", records)
     plot(records, path.with_suffix(".png"))
 
     ceiling = records[0]["gflops"]

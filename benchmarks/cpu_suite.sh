@@ -3,7 +3,8 @@
 # benchmarks/results/ (JSON + PNG each). Run it on a quiet machine: nothing else may compete for the cores.
 #
 #   bash benchmarks/cpu_suite.sh                 # all stages
-#   bash benchmarks/cpu_suite.sh kernels trl     # some: kernels kernels_avx2 decode chat chat_decode train trl
+#   bash benchmarks/cpu_suite.sh kernels trl     # some: kernels kernels_avx2 kernels_bf16 decode chat chat_decode
+#                                                #       train trl
 #
 # kernels_avx2 runs the kernel benchmark with torch and the op both capped at AVX2 (ATEN_CPU_CAPABILITY, and
 # MKL/oneDNN for torch's matmul): on an AVX-512 machine, the figures of an AVX2-only one. It is skipped where
@@ -16,7 +17,7 @@ if [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)benchmark
   exit 1
 fi
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(kernels kernels_avx2 decode chat chat_decode train trl)
+[ ${#stages[@]} -eq 0 ] && stages=(kernels kernels_avx2 kernels_bf16 decode chat chat_decode train trl)
 mkdir -p benchmarks/results/logs
 
 run() {  # run <stage> <command...>
@@ -29,6 +30,7 @@ run() {  # run <stage> <command...>
 for stage in "${stages[@]}"; do
   case $stage in
     kernels) run kernels "$PY" benchmarks/bench_cpu.py ;;
+    kernels_bf16) run kernels_bf16 "$PY" benchmarks/bench_cpu.py --dtype bfloat16 ;;
     kernels_avx2)
       if grep -qw avx2 /proc/cpuinfo; then
         run kernels_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \

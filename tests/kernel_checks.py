@@ -161,11 +161,15 @@ def main() -> None:
         (torch.float32, 64, 1, "causal"), (torch.float32, 128, 2, "ism"), (torch.float32, 80, 4, "random"),
         (torch.float32, 16, 1, "mas"), (torch.float32, 256, 2, "empty"), (torch.bfloat16, 64, 2, "ism"),
         (torch.float16, 128, 1, "random"), (torch.float16, 40, 4, "causal"),
+        # bfloat16 converted tile by tile: head dims with and without a vector tail, tiny and odd
+        (torch.bfloat16, 128, 1, "causal"), (torch.bfloat16, 40, 4, "random"), (torch.bfloat16, 80, 2, "mas"),
+        (torch.bfloat16, 2, 1, "ism"), (torch.bfloat16, 33, 1, "causal"), (torch.bfloat16, 256, 2, "empty"),
     ]):
         check_prefill(dtype, head_dim, group, limits, seed)
     for seed, (dtype, head_dim, paged, new_tokens) in enumerate([
         (torch.float32, 128, False, 1), (torch.float32, 64, True, 1), (torch.float32, 96, True, 33),
         (torch.bfloat16, 128, True, 1), (torch.float16, 64, False, 200),
+        (torch.bfloat16, 64, True, 33), (torch.bfloat16, 96, False, 70),
     ]):
         check_kvcache(dtype, head_dim, paged, new_tokens, seed)
     for seed, case in enumerate(DECODE_ROW_CASES):

@@ -35,24 +35,40 @@ void finish_rows(int m, int d, const ORows& out, float* lse, FwdScratch& w) {
 // instead of all of them, and the boundary tiles of a segment layout shrink the same way.
 constexpr int kSubTileK = 32;
 
-// Running state of attend_query_tile's accumulator: rows [acc_from, m) have been written by a P V product,
-// the rows above have not (they have seen no key yet).
+// Which rows of a query tile's accumulator (acc = P V in the forward, dQ in the backward) a product over
+// rows [c0, m) has written: rows [acc_from, m) have been, the rows above have not (they have seen no key yet).
 struct AccRows {
-  int acc_from;
-
-  // The mode of a P V product into rows [c0, m): the first product overwrites; rows entering later start
-  // from zero, then every product rescales (their alpha is 0 while they had seen nothing).
-  CMode before_product(int c0, int d, float* acc) {
-    if (acc_from == c0) return CMode::kScaleAdd;
-    const bool first = acc_from == kNone;
-    if (!first && c0 < acc_from) {
-      std::fill(acc + static_cast<int64_t>(c0) * d, acc + static_cast<int64_t>(acc_from) * d, 0.f);
-    }
-    acc_from = first ? c0 : std::min(acc_from, c0);
-    return first ? CMode::kSet : CMode::kScaleAdd;
-  }
   static constexpr int kNone = 1 << 30;
+  int acc_from = kNone;
+
+  // The mode of the next product into rows [c0, m): the first one overwrites; rows entering later start from
+  // zero, then the product runs in `later` mode (the forward's rescale leaves them zero: alpha is 0 while a
+  // row has seen nothing).
+  CMode before_product(int c0, int d, float* acc, CMode later) {
+    if (acc_from == kNone) {
+      acc_from = c0;
+      return CMode::kSet;
+    }
+    if (c0 < acc_from) {
+      std::fill(acc + static_cast<int64_t>(c0) * d, acc + static_cast<int64_t>(acc_from) * d, 0.f);
+      acc_from = c0;
+    }
+    return later;
+  }
+
+  // Rows that no product wrote (they saw no key): zero, as the tile's result requires.
+  void zero_unwritten(int m, int d, float* acc) const {
+    std::fill(acc, acc + static_cast<int64_t>(std::min(acc_from, m)) * d, 0.f);
+  }
 };
+
+// The first vector of query lanes (a multiple of W) that sees any key from `key` on: the lanes before it see
+// none of them (limit[r] <= key), so a sub-tile starting at `key` skips them. m when no row sees it.
+inline int first_lanes_seeing(const int32_t* limit, int m, int key) {
+  int first = 0;
+  while (first < m && limit[first] <= key) ++first;
+  return first == m ? m : first / Vec::W * Vec::W;
+}
 
 // Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
 // (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
@@ -70,7 +86,7 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     w.row_max[r] = -std::numeric_limits<float>::infinity();
     w.row_sum[r] = 0.f;
   }
-  AccRows acc_rows{AccRows::kNone};
+  AccRows acc_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
@@ -81,10 +97,8 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     const int step = masked ? kSubTileK : n;
     for (int s0 = 0; s0 < n; s0 += step) {
       const int ks = k0 + s0, ns = std::min(step, n - s0);
-      int first = 0;  // rows before `first` see none of keys [ks, ks + ns): their lanes are skipped
-      while (first < m && w.limit[first] <= ks) ++first;
-      if (first == m) continue;
-      const int c0 = first / Vec::W * Vec::W, cols = m_pad - c0;
+      const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = m_pad - c0;
+      if (c0 == m) continue;
       std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
       const MaskAndColumnMax mask_max{w.limit.data() + c0, ks, masked, w.tile_max.data() + c0};
       gemm(ns, cols, d, kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, m_pad, w.st.data() + c0, m_pad, CMode::kSet,
@@ -93,13 +107,12 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
                           SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
       // acc = diag(alpha) acc + P V on rows [c0, m), P read from S^T through its strides.
       float* acc = w.acc.data();
-      const CMode mode = acc_rows.before_product(c0, d, acc);
+      const CMode mode = acc_rows.before_product(c0, d, acc, CMode::kScaleAdd);
       gemm(m - c0, d, ns, w.st.data() + c0, 1, m_pad, vt.p + s0 * vt.ld, vt.ld, acc + static_cast<int64_t>(c0) * d,
            d, mode, w.alpha.data() + c0);
     }
   }
-  const int unwritten = std::min(acc_rows.acc_from, m);  // rows that saw no key: 0 before the 1 / row_sum of 0
-  std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(unwritten) * d, 0.f);
+  acc_rows.zero_unwritten(m, d, w.acc.data());  // rows that saw no key: 0 before the 1 / row_sum of 0
   finish_rows(m, d, out, lse, w);
 }
 

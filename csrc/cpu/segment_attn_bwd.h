@@ -58,13 +58,15 @@ QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int
   return s;
 }
 
-// P^T (in w.pt) and dP^T (in w.dpt) of a query tile against key rows [k0, k0 + n).
-inline void probs_and_dprobs(const QuerySide& s, int k0, int n, int d, const FloatTile& kt, const FloatTile& vt,
-                             BwdScratch& w) {
-  gemm(n, s.m_pad, d, kt.p, kt.ld, 1, w.qt.data(), s.m_pad, w.pt.data(), s.m_pad, CMode::kSet);
-  probs_from_lse_cols(w.pt.data(), n, s.m_pad, s.m_pad, k0, !key_tile_is_full(s.min_limit, k0, n), w.limit.data(),
-                      w.lse2.data());
-  gemm(n, s.m_pad, d, vt.p, vt.ld, 1, w.dot.data(), s.m_pad, w.dpt.data(), s.m_pad, CMode::kSet);
+// P^T (in w.pt) and dP^T (in w.dpt) of a query tile's lanes [c0, m_pad) against key rows [k0, k0 + n); kt and
+// vt start at key k0. Rows of pt/dpt are the n keys, at the query tile's stride m_pad.
+inline void probs_and_dprobs(const QuerySide& s, int c0, int k0, int n, int d, const FloatTile& kt,
+                             const FloatTile& vt, BwdScratch& w) {
+  const int cols = s.m_pad - c0;
+  gemm(n, cols, d, kt.p, kt.ld, 1, w.qt.data() + c0, s.m_pad, w.pt.data() + c0, s.m_pad, CMode::kSet);
+  probs_from_lse_cols(w.pt.data() + c0, n, s.m_pad, cols, k0, !key_tile_is_full(s.min_limit, k0, n),
+                      w.limit.data() + c0, w.lse2.data() + c0);
+  gemm(n, cols, d, vt.p, vt.ld, 1, w.dot.data() + c0, s.m_pad, w.dpt.data() + c0, s.m_pad, CMode::kSet);
 }
 
 // The K/V rows of head h_kv of a sequence.
@@ -83,21 +85,34 @@ void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, 
   const int d = p.head_dim, h_kv = h / (p.h_q / p.h_kv);
   const QuerySide s = load_query_side<T>(p, delta, h, q0, m, max_limit, w);
   const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h_kv);
+  AccRows dq_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
     const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
     const FloatTile vt = stage_rows(v_rows, k0, n, d, w.v.data());
-    probs_and_dprobs(s, k0, n, d, kt, vt, w);
-    score_grad_cols(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
-    float* dk = dkv + static_cast<int64_t>(k0) * 2 * d;
-    // dV += P^T dout and dK += dS^T q over the tile's m queries: A is S^T's rows as they lie.
-    gemm(n, d, m, w.pt.data(), s.m_pad, 1, s.dout.p, s.dout.ld, dk + d, 2 * d, CMode::kAdd);
-    gemm(n, d, m, w.dpt.data(), s.m_pad, 1, s.q.p, s.q.ld, dk, 2 * d, CMode::kAdd);
-    // dQ += dS K: A is S^T read transposed.
-    gemm(m, d, n, w.dpt.data(), 1, s.m_pad, kt.p, kt.ld, w.dq.data(), d, t == 0 ? CMode::kSet : CMode::kAdd);
+    // Boundary tiles in sub-tiles that skip the query lanes seeing none of their keys, as in the forward.
+    const int step = key_tile_is_full(s.min_limit, k0, n) ? n : kSubTileK;
+    for (int s0 = 0; s0 < n; s0 += step) {
+      const int ks = k0 + s0, ns = std::min(step, n - s0);
+      const int c0 = first_lanes_seeing(w.limit.data(), m, ks), rows = m - c0;
+      if (c0 == m) continue;
+      const FloatTile ks_rows{kt.p + s0 * kt.ld, kt.ld}, vs_rows{vt.p + s0 * vt.ld, vt.ld};
+      probs_and_dprobs(s, c0, ks, ns, d, ks_rows, vs_rows, w);
+      score_grad_cols(w.pt.data() + c0, w.dpt.data() + c0, ns, s.m_pad, s.m_pad - c0, w.delta.data() + c0);
+      float* dk = dkv + static_cast<int64_t>(ks) * 2 * d;
+      // dV += P^T dout and dK += dS^T q over the lanes' queries: A is S^T's rows as they lie.
+      gemm(ns, d, rows, w.pt.data() + c0, s.m_pad, 1, s.dout.p + c0 * s.dout.ld, s.dout.ld, dk + d, 2 * d,
+           CMode::kAdd);
+      gemm(ns, d, rows, w.dpt.data() + c0, s.m_pad, 1, s.q.p + c0 * s.q.ld, s.q.ld, dk, 2 * d, CMode::kAdd);
+      // dQ += dS K on rows [c0, m): A is S^T read transposed.
+      float* dq = w.dq.data();
+      const CMode mode = dq_rows.before_product(c0, d, dq, CMode::kAdd);
+      gemm(rows, d, ns, w.dpt.data() + c0, 1, s.m_pad, ks_rows.p, ks_rows.ld, dq + static_cast<int64_t>(c0) * d, d,
+           mode);
+    }
   }
-  if (n_tiles == 0) std::fill(w.dq.begin(), w.dq.begin() + static_cast<int64_t>(m) * d, 0.f);
+  dq_rows.zero_unwritten(m, d, w.dq.data());
   std::fill(w.row_scale.begin(), w.row_scale.end(), p.softmax_scale);
   store_rows(w.dq.data(), d, m, d, w.row_scale.data(),
              strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
@@ -142,7 +157,7 @@ std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTi
         for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
           const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
           const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
-          probs_and_dprobs(s, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
+          probs_and_dprobs(s, 0, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
           add_col_dot(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
         }
         for (int r = 0; r < m; ++r) {
