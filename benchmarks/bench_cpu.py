@@ -79,7 +79,8 @@ def prefill_records(layout: str, tokens: int, head_dim: int, dtype: torch.dtype,
     return records
 
 
-def decode_records(batch: int, cache: int, dtype: torch.dtype, repeats: int, env: dict[str, Any]) -> list[dict[str, Any]]:
+def decode_records(batch: int, cache: int, dtype: torch.dtype, repeats: int,
+                   env: dict[str, Any]) -> list[dict[str, Any]]:
     """One decode step (a token per sequence, appended and attended) against SDPA over the same cache."""
     hq, hkv, d = 32, 8, 128
     gen = torch.Generator().manual_seed(0)
