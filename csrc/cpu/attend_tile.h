@@ -6,10 +6,10 @@
 
 namespace ism::cpu::ISM_ISA_NS {
 
-// Per-thread tile buffers of the forward (float32; none grows with the sequence).
+// Per-thread tile buffers of the forward (float32; none grows with the sequence; not zeroed: scratch_buffer.h).
 struct FwdScratch {
-  std::vector<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale, tile_max;
-  std::vector<int32_t> limit;
+  ScratchBuffer<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale, tile_max;
+  ScratchBuffer<int32_t> limit;
   explicit FwdScratch(int d)
       : qt(static_cast<size_t>(d) * kTileQ), st(kTileK * kTileQ), acc(static_cast<size_t>(kTileQ) * d),
         k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d), row_max(kTileQ), row_sum(kTileQ),

@@ -26,5 +26,6 @@
 #include "isa_kernels.h"
 #include "query_tiles.h"
 #include "row_access.h"
+#include "scratch_buffer.h"
 #include "segment_attn_cpu.h"
 #include "work_queue.h"

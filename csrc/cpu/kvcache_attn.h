@@ -46,7 +46,7 @@ void append(const KVCacheAttnParams& p) {
 
 struct GroupScratch {
   FwdScratch fwd;
-  std::vector<int32_t> limit;  // the rows' kv_limit inside the chunk, repeated for every head of the group
+  ScratchBuffer<int32_t> limit;  // the rows' kv_limit inside the chunk, repeated for every head of the group
   explicit GroupScratch(int d) : fwd(d), limit(kTileQ) {}
 };
 
