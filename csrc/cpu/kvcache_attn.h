@@ -77,8 +77,8 @@ void attend_chunk(const KVCacheAttnParams& p, int b, int h_kv, int group, int c0
                                p.q_row_stride, p.q_head_stride, lq};
   with_cache_rows<T>(p, b, h_kv, [&](auto k_rows, auto v_rows) {
     attend_rows(q, m, w.limit.data(), chunk_max, OffsetRows<decltype(k_rows)>{k_rows, c0},
-                      OffsetRows<decltype(v_rows)>{v_rows, c0}, p.head_dim, p.softmax_scale,
-                      strided_rows(out, p.head_dim), lse, w.fwd);
+                OffsetRows<decltype(v_rows)>{v_rows, c0}, p.head_dim, p.softmax_scale, strided_rows(out, p.head_dim),
+                lse, w.fwd);
   });
 }
 

@@ -63,8 +63,10 @@ struct Vec {
       quarter[i] = add(_mm512_shuffle_f32x4(half[i], half[i + 4], 0x88),
                        _mm512_shuffle_f32x4(half[i], half[i + 4], 0xDD));
     }
-    const V pair01 = add(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44), _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
-    const V pair23 = add(_mm512_shuffle_ps(quarter[2], quarter[3], 0x44), _mm512_shuffle_ps(quarter[2], quarter[3], 0xEE));
+    const V pair01 =
+        add(_mm512_shuffle_ps(quarter[0], quarter[1], 0x44), _mm512_shuffle_ps(quarter[0], quarter[1], 0xEE));
+    const V pair23 =
+        add(_mm512_shuffle_ps(quarter[2], quarter[3], 0x44), _mm512_shuffle_ps(quarter[2], quarter[3], 0xEE));
     return add(_mm512_shuffle_ps(pair01, pair23, 0x88), _mm512_shuffle_ps(pair01, pair23, 0xDD));
   }
 
