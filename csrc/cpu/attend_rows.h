@@ -93,7 +93,7 @@ inline float softmax_update_row(float* s, int n, int visible, float* row_max, fl
 
 // Vectors of C per row block in the row path's P V: as wide as the registers allow (m * NV accumulators, NV
 // vectors of a V row, one broadcast) up to Vec::kFewRowsMaxNV. On AVX2 one row then keeps 7 FMA chains in
-// flight where the square block's 2 would wait on the FMA latency (decode 1.2-1.3x faster at 1-4 rows,
+// flight where the square block's 2 would wait on the FMA latency (decode 1.1-1.3x faster at 1-4 rows,
 // d = 128); on AVX-512 the square block's 4 measured as fast or faster.
 template <int M>
 constexpr int pv_vectors() {
