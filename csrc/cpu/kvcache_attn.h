@@ -56,8 +56,10 @@ struct GroupScratch {
 constexpr int kMinChunkKeys = 256;
 
 inline int key_splits(const KVCacheAttnParams& p, int longest) {
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1) return 1;  // nothing to balance: a split would only add its combine
   const int64_t pairs = static_cast<int64_t>(p.batch) * p.h_kv;
-  const int64_t wanted = (4 * static_cast<int64_t>(at::get_num_threads()) + pairs - 1) / pairs;
+  const int64_t wanted = (4 * threads + pairs - 1) / pairs;
   const int64_t possible = std::max(1, (longest + kMinChunkKeys - 1) / kMinChunkKeys);
   return static_cast<int>(std::clamp<int64_t>(wanted, 1, possible));
 }
