@@ -1,7 +1,7 @@
 // Where the rows of a tensor live: small accessors, `rows(i)` -> pointer to row i, so that one kernel
-// serves strided tensors, a query group of several heads and paged KV caches. `contiguous(r0, n, &stride)`
-// says whether rows r0 .. r0 + n - 1 are evenly spaced (then a kernel reads them in place instead of
-// copying them into a tile buffer); `run(r0, n)` is how many of them, from r0 on, are.
+// serves strided tensors, a query group of several heads and paged KV caches. `run(r0, n)` is how many of
+// rows r0 .. r0 + n - 1, from r0 on, are evenly spaced, `run_stride()` their spacing: a kernel reads a run
+// in place instead of copying it into a tile buffer.
 //
 // Included before any instruction-set pragma (see kernels_avx2.cpp): these are plain code, shared by all
 // instruction-set builds.
@@ -20,11 +20,8 @@ struct StridedRows {
   T* base;
   int64_t stride;
   T* operator()(int64_t i) const { return base + i * stride; }
-  bool contiguous(int64_t, int, int64_t* row_stride) const {
-    *row_stride = stride;
-    return true;
-  }
   int run(int64_t, int n) const { return n; }
+  int64_t run_stride() const { return stride; }
 };
 
 template <typename T>
@@ -40,11 +37,8 @@ struct PagedRows {
   const int32_t* table;  // this sequence's block-table row
   int page_size;
   T* operator()(int64_t i) const { return pages + table[i / page_size] * page_stride + (i % page_size) * row_stride; }
-  bool contiguous(int64_t r0, int n, int64_t* stride) const {
-    *stride = row_stride;
-    return r0 % page_size + n <= page_size;
-  }
   int run(int64_t r0, int n) const { return std::min<int64_t>(n, page_size - r0 % page_size); }
+  int64_t run_stride() const { return row_stride; }
 };
 
 // Row r of the query heads h0 .. h0 + group - 1 that share one K/V head, head-major: head h0 + r / seqlen,
@@ -56,8 +50,8 @@ struct GroupedRows {
   int64_t row_stride, head_stride;
   int seqlen;
   T* operator()(int64_t r) const { return base + (r % seqlen) * row_stride + (r / seqlen) * head_stride; }
-  bool contiguous(int64_t, int, int64_t*) const { return false; }
-  int run(int64_t, int) const { return 1; }
+  int run(int64_t, int) const { return 1; }  // head-major rows: never read as one run
+  int64_t run_stride() const { return row_stride; }
 };
 
 // Rows i0, i0 + 1, ... of an accessor as rows 0, 1, ...: one key chunk of a split cache.
@@ -66,8 +60,8 @@ struct OffsetRows {
   Rows rows;
   int64_t i0;
   auto operator()(int64_t i) const { return rows(i0 + i); }
-  bool contiguous(int64_t r0, int n, int64_t* stride) const { return rows.contiguous(i0 + r0, n, stride); }
   int run(int64_t r0, int n) const { return rows.run(i0 + r0, n); }
+  int64_t run_stride() const { return rows.run_stride(); }
 };
 
 template <typename Rows>

@@ -37,8 +37,7 @@ template <typename Rows>
 FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
   using T = row_element_t<Rows>;
   if constexpr (std::is_same_v<T, float>) {
-    int64_t stride = 0;
-    if (n > 0 && rows.contiguous(r0, n, &stride)) return {rows(r0), stride};
+    if (n > 0 && rows.run(r0, n) == n) return {rows(r0), rows.run_stride()};
   }
   for (int i = 0; i < n; ++i) convert_row(rows(r0 + i), d, 1.f, buf + static_cast<int64_t>(i) * d);
   return {buf, d};
