@@ -85,7 +85,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import environment, write_records
+from common import environment, save_impl_bars, write_records
 from tqdm import tqdm
 
 MODEL = "SmolLM2-135M-Instruct+ism-adapter"
@@ -469,24 +469,12 @@ def stage_backend(model_dir: str, env: dict, args: argparse.Namespace, ism_engin
 
 
 def save_backend_plot(records: list[dict], path, env: dict) -> None:
-    from matplotlib.figure import Figure
-
-    from ism_ext.viz import save_figure
-
     cases = [(r["phase"], r["batch"], r["prompt_tokens"]) for r in records if r["impl"] == "ism_op"]
-    fig = Figure(figsize=(max(6.5, 0.9 * len(cases) + 2), 4.2), dpi=110)
-    ax = fig.add_subplot()
-    width = 0.38
-    for k, impl in enumerate(BACKEND_IMPLS):
-        values = [next(r["tokens_per_s"] for r in records if r["impl"] == impl
-                       and (r["phase"], r["batch"], r["prompt_tokens"]) == case) for case in cases]
-        ax.bar([i + (k - 0.5) * width for i in range(len(cases))], values, width, label=impl)
-    ax.set_xticks(range(len(cases)), labels=[f"{p}\nb={b}, {t} tok" for p, b, t in cases], fontsize=7)
-    ax.set(ylabel="tokens/s", yscale="log", title=f"vLLM CPU, SmolLM2-135M, causal requests\n{env['device']}")
-    ax.grid(alpha=0.3, axis="y", which="both")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    series = {impl: [next(r["tokens_per_s"] for r in records if r["impl"] == impl
+                          and (r["phase"], r["batch"], r["prompt_tokens"]) == case) for case in cases]
+              for impl in BACKEND_IMPLS}
+    save_impl_bars(series, [f"{p}\nb={b}, {t} tok" for p, b, t in cases], "tokens/s",
+                   f"vLLM CPU, SmolLM2-135M, causal requests\n{env['device']}", path)
 
 
 # ----------------------------------------------------------------------------------------------- main

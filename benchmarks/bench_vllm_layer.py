@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import environment, write_records
+from common import environment, save_impl_bars, write_records
 from tqdm import tqdm
 
 import ism_ext
@@ -116,31 +116,14 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmu
 
 def save_plot(records: list[dict[str, Any]], path) -> None:
     """Bars of both impls per case, with the op's speedup over vLLM's kernel written above."""
-    from matplotlib.figure import Figure
-
-    from ism_ext.viz import save_figure
-
     cases = [(r["phase"], r["batch"], r["tokens"]) for r in records if r["impl"] == "ism_op"]
     ms = {(r["impl"], r["phase"], r["batch"], r["tokens"]): r["ms_median"] for r in records}
-    fig = Figure(figsize=(max(6.5, 1.1 * len(cases) + 2), 4.2), dpi=110)
-    ax = fig.add_subplot()
-    width = 0.38
-    for k, impl in enumerate(("ism_op", "vllm_cpu_attn")):
-        ax.bar([i + (k - 0.5) * width for i in range(len(cases))], [ms[(impl, *c)] for c in cases], width, label=impl)
-    for i, c in enumerate(cases):
-        ratio = ms[("vllm_cpu_attn", *c)] / ms[("ism_op", *c)]
-        ax.annotate(f"{ratio:.2f}x", (i, max(ms[("ism_op", *c)], ms[("vllm_cpu_attn", *c)])), ha="center",
-                    va="bottom", fontsize=8)
+    series = {impl: [ms[(impl, *c)] for c in cases] for impl in ("ism_op", "vllm_cpu_attn")}
     labels = [f"{p}\nb={b}, {'new' if p == 'prefill' else 'ctx'} {t}" for p, b, t in cases]
-    ax.set_xticks(range(len(cases)), labels=labels, fontsize=7)
     env = records[0]
-    ax.set(ylabel="ms per layer (median)", yscale="log",
-           title=f"one attention layer, SmolLM2-135M shapes, {env['cpu_threads']} thread(s)\n{env['device']}, "
-                 f"commit {env['commit']}")
-    ax.grid(alpha=0.3, axis="y", which="both")
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    save_impl_bars(series, labels, "ms per layer (median)",
+                   f"one attention layer, SmolLM2-135M shapes, {env['cpu_threads']} thread(s)\n{env['device']}, "
+                   f"commit {env['commit']}", path, note_ratio=("ism_op", "vllm_cpu_attn"))
 
 
 def main() -> None:

@@ -125,3 +125,29 @@ def write_records(name: str, records: list[dict[str, Any]]) -> pathlib.Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     return path
+
+
+def save_impl_bars(series: dict[str, list[float]], labels: list[str], ylabel: str, title: str, path,
+                   note_ratio: tuple[str, str] | None = None) -> None:
+    """Grouped bars (log scale), one group per case `labels[i]` and one bar per impl of `series`; with
+    `note_ratio` = (a, b), each group is annotated with series[b] / series[a] (a's speedup when lower is better)."""
+    from matplotlib.figure import Figure
+
+    from ism_ext.viz import save_figure
+
+    fig = Figure(figsize=(max(6.5, 1.1 * len(labels) + 2), 4.2), dpi=110)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for k, (impl, values) in enumerate(series.items()):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(labels))], values, width, label=impl)
+    if note_ratio is not None:
+        a, b = note_ratio
+        for i, (va, vb) in enumerate(zip(series[a], series[b], strict=True)):
+            ax.annotate(f"{vb / va:.2f}x", (i, max(va, vb)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels=labels, fontsize=7)
+    ax.set(ylabel=ylabel, yscale="log", title=title)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
