@@ -21,10 +21,8 @@ class ScratchBuffer {
 #endif
   }
   T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
   T* begin() { return data_.get(); }
   T& operator[](size_t i) { return data_[i]; }
-  const T& operator[](size_t i) const { return data_[i]; }
 
  private:
   static T poison() {
