@@ -11,12 +11,14 @@ struct FwdScratch {
   ScratchBuffer<float> qt, st, acc, k, v, row_max, row_sum, alpha, out_scale, tile_max;
   ScratchBuffer<int32_t> limit;
   explicit FwdScratch(int d)
-      : qt(static_cast<size_t>(d) * kTileQ), st(kTileK * kTileQ), acc(static_cast<size_t>(kTileQ) * d),
-        k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d), row_max(kTileQ), row_sum(kTileQ),
+      : qt(static_cast<size_t>(d) * padded_ld(kTileQ)), st(static_cast<size_t>(kTileK) * padded_ld(kTileQ)),
+        acc(static_cast<size_t>(kTileQ) * d), k(static_cast<size_t>(kTileK) * d),
+        v(static_cast<size_t>(kTileK) * padded_ld(d)), row_max(kTileQ), row_sum(kTileQ),
         alpha(kTileQ), out_scale(kTileQ), tile_max(kTileQ), limit(kTileQ) {}
 };
 
 inline int pad_lanes(int m) { return (m + Vec::W - 1) / Vec::W * Vec::W; }
+
 
 // The end of a query tile: out = acc / row_sum and lse in natural log, from the final softmax state in w.
 template <typename ORows>
@@ -76,9 +78,9 @@ inline int first_lanes_seeing(const int32_t* limit, int m, int key) {
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                        int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-  const int m_pad = pad_lanes(m);
+  const int m_pad = pad_lanes(m), ld = padded_ld(m_pad);  // q^T and S^T: m_pad live lanes in rows of ld
   // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
-  pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), m_pad);
+  pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), ld);
   int min_limit = max_limit;
   for (int r = 0; r < m_pad; ++r) {
     w.limit[r] = r < m ? limit[r] : 0;
@@ -92,7 +94,8 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
     const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
-    const FloatTile vt = stage_rows(v, k0, n, d, w.v.data());
+    const FloatTile vt = m >= kCopyPanelMinRows ? copy_rows(v, k0, n, d, w.v.data(), padded_ld(d))
+                                                 : stage_rows(v, k0, n, d, w.v.data());
     const bool masked = !key_tile_is_full(min_limit, k0, n);
     const int step = masked ? kSubTileK : n;
     for (int s0 = 0; s0 < n; s0 += step) {
@@ -101,14 +104,14 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
       if (c0 == m) continue;
       std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
       const MaskAndColumnMax mask_max{w.limit.data() + c0, ks, masked, w.tile_max.data() + c0};
-      gemm(ns, cols, d, kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, m_pad, w.st.data() + c0, m_pad, CMode::kSet,
+      gemm(ns, cols, d, kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld, w.st.data() + c0, ld, CMode::kSet,
            nullptr, mask_max);
-      softmax_update_cols(w.st.data() + c0, ns, m_pad, cols, w.tile_max.data() + c0,
+      softmax_update_cols(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0,
                           SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
       // acc = diag(alpha) acc + P V on rows [c0, m), P read from S^T through its strides.
       float* acc = w.acc.data();
       const CMode mode = acc_rows.before_product(c0, d, acc, CMode::kScaleAdd);
-      gemm(m - c0, d, ns, w.st.data() + c0, 1, m_pad, vt.p + s0 * vt.ld, vt.ld, acc + static_cast<int64_t>(c0) * d,
+      gemm(m - c0, d, ns, w.st.data() + c0, 1, ld, vt.p + s0 * vt.ld, vt.ld, acc + static_cast<int64_t>(c0) * d,
            d, mode, w.alpha.data() + c0);
     }
   }

@@ -22,16 +22,19 @@ struct BwdScratch {
   std::vector<float> qt, dot, q, dout, pt, dpt, dq, k, v, lse2, delta, row_scale;
   std::vector<int32_t> limit;
   explicit BwdScratch(int d)
-      : qt(static_cast<size_t>(d) * kTileQ), dot(static_cast<size_t>(d) * kTileQ), q(static_cast<size_t>(kTileQ) * d),
-        dout(static_cast<size_t>(kTileQ) * d), pt(kTileK * kTileQ), dpt(kTileK * kTileQ),
-        dq(static_cast<size_t>(kTileQ) * d), k(static_cast<size_t>(kTileK) * d), v(static_cast<size_t>(kTileK) * d),
+      : qt(static_cast<size_t>(d) * padded_ld(kTileQ)), dot(static_cast<size_t>(d) * padded_ld(kTileQ)),
+        q(static_cast<size_t>(kTileQ) * padded_ld(d)), dout(static_cast<size_t>(kTileQ) * padded_ld(d)),
+        pt(static_cast<size_t>(kTileK) * padded_ld(kTileQ)), dpt(static_cast<size_t>(kTileK) * padded_ld(kTileQ)),
+        dq(static_cast<size_t>(kTileQ) * d), k(static_cast<size_t>(kTileK) * padded_ld(d)),
+        v(static_cast<size_t>(kTileK) * d),
         lse2(kTileQ), delta(kTileQ), row_scale(kTileQ), limit(kTileQ) {}
 };
 
 // The query side of one (query head, query tile): transposed q (log2 domain) and dout, q and dout rows as
-// float32, lse in the log2 domain, delta and the limits (padding lanes see nothing).
+// float32 (copied at a padded stride: they are B panels of dV and dK), lse in the log2 domain, delta and the
+// limits (padding lanes see nothing). The transposed tiles, P^T and dP^T hold m_pad live lanes in rows of ld.
 struct QuerySide {
-  int q0, m, m_pad, min_limit, max_limit;
+  int q0, m, m_pad, ld, min_limit, max_limit;
   FloatTile q, dout;
 };
 
@@ -39,15 +42,15 @@ template <typename T>
 QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
                           BwdScratch& w) {
   const int d = p.head_dim;
-  QuerySide s{q0, m, pad_lanes(m), max_limit, max_limit, {}, {}};
+  QuerySide s{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}};
   const auto q_rows =
       strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
   const auto do_rows =
       strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride);
-  pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.m_pad);
-  pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.m_pad);
-  s.q = stage_rows(q_rows, 0, m, d, w.q.data());
-  s.dout = stage_rows(do_rows, 0, m, d, w.dout.data());
+  pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.ld);
+  pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.ld);
+  s.q = copy_rows(q_rows, 0, m, d, w.q.data(), padded_ld(d));
+  s.dout = copy_rows(do_rows, 0, m, d, w.dout.data(), padded_ld(d));
   for (int r = 0; r < s.m_pad; ++r) {
     const bool live = r < m;
     w.limit[r] = live ? p.kv_limit[q0 + r] : 0;
@@ -59,14 +62,14 @@ QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int
 }
 
 // P^T (in w.pt) and dP^T (in w.dpt) of a query tile's lanes [c0, m_pad) against key rows [k0, k0 + n); kt and
-// vt start at key k0. Rows of pt/dpt are the n keys, at the query tile's stride m_pad.
+// vt start at key k0. Rows of pt/dpt are the n keys, at the query tile's stride ld.
 inline void probs_and_dprobs(const QuerySide& s, int c0, int k0, int n, int d, const FloatTile& kt,
                              const FloatTile& vt, BwdScratch& w) {
   const int cols = s.m_pad - c0;
-  gemm(n, cols, d, kt.p, kt.ld, 1, w.qt.data() + c0, s.m_pad, w.pt.data() + c0, s.m_pad, CMode::kSet);
-  probs_from_lse_cols(w.pt.data() + c0, n, s.m_pad, cols, k0, !key_tile_is_full(s.min_limit, k0, n),
+  gemm(n, cols, d, kt.p, kt.ld, 1, w.qt.data() + c0, s.ld, w.pt.data() + c0, s.ld, CMode::kSet);
+  probs_from_lse_cols(w.pt.data() + c0, n, s.ld, cols, k0, !key_tile_is_full(s.min_limit, k0, n),
                       w.limit.data() + c0, w.lse2.data() + c0);
-  gemm(n, cols, d, vt.p, vt.ld, 1, w.dot.data() + c0, s.m_pad, w.dpt.data() + c0, s.m_pad, CMode::kSet);
+  gemm(n, cols, d, vt.p, vt.ld, 1, w.dot.data() + c0, s.ld, w.dpt.data() + c0, s.ld, CMode::kSet);
 }
 
 // The K/V rows of head h_kv of a sequence.
@@ -89,7 +92,9 @@ void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, 
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
+    // K is dQ's B panel: copied at a padded stride for a tall query tile (tile_stage.h).
+    const FloatTile kt = m >= kCopyPanelMinRows ? copy_rows(k_rows, k0, n, d, w.k.data(), padded_ld(d))
+                                                : stage_rows(k_rows, k0, n, d, w.k.data());
     const FloatTile vt = stage_rows(v_rows, k0, n, d, w.v.data());
     // Boundary tiles in sub-tiles that skip the query lanes seeing none of their keys, as in the forward.
     const int step = key_tile_is_full(s.min_limit, k0, n) ? n : kSubTileK;
@@ -99,16 +104,16 @@ void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, 
       if (c0 == m) continue;
       const FloatTile ks_rows{kt.p + s0 * kt.ld, kt.ld}, vs_rows{vt.p + s0 * vt.ld, vt.ld};
       probs_and_dprobs(s, c0, ks, ns, d, ks_rows, vs_rows, w);
-      score_grad_cols(w.pt.data() + c0, w.dpt.data() + c0, ns, s.m_pad, s.m_pad - c0, w.delta.data() + c0);
+      score_grad_cols(w.pt.data() + c0, w.dpt.data() + c0, ns, s.ld, s.m_pad - c0, w.delta.data() + c0);
       float* dk = dkv + static_cast<int64_t>(ks) * 2 * d;
       // dV += P^T dout and dK += dS^T q over the lanes' queries: A is S^T's rows as they lie.
-      gemm(ns, d, rows, w.pt.data() + c0, s.m_pad, 1, s.dout.p + c0 * s.dout.ld, s.dout.ld, dk + d, 2 * d,
+      gemm(ns, d, rows, w.pt.data() + c0, s.ld, 1, s.dout.p + c0 * s.dout.ld, s.dout.ld, dk + d, 2 * d,
            CMode::kAdd);
-      gemm(ns, d, rows, w.dpt.data() + c0, s.m_pad, 1, s.q.p + c0 * s.q.ld, s.q.ld, dk, 2 * d, CMode::kAdd);
+      gemm(ns, d, rows, w.dpt.data() + c0, s.ld, 1, s.q.p + c0 * s.q.ld, s.q.ld, dk, 2 * d, CMode::kAdd);
       // dQ += dS K on rows [c0, m): A is S^T read transposed.
       float* dq = w.dq.data();
       const CMode mode = dq_rows.before_product(c0, d, dq, CMode::kAdd);
-      gemm(rows, d, ns, w.dpt.data() + c0, 1, s.m_pad, ks_rows.p, ks_rows.ld, dq + static_cast<int64_t>(c0) * d, d,
+      gemm(rows, d, ns, w.dpt.data() + c0, 1, s.ld, ks_rows.p, ks_rows.ld, dq + static_cast<int64_t>(c0) * d, d,
            mode);
     }
   }
@@ -158,7 +163,7 @@ std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTi
           const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
           const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
           probs_and_dprobs(s, 0, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
-          add_col_dot(w.pt.data(), w.dpt.data(), n, s.m_pad, s.m_pad, w.delta.data());
+          add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
         }
         for (int r = 0; r < m; ++r) {
           const int64_t row = q0 + r;
