@@ -6,6 +6,9 @@
     ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_cpu.py
                                               # an AVX-512 machine run as an AVX2 one: torch and the op both
 
+The op and its baseline take turns inside every repeat (`interleaved_median_ms`), so a machine whose speed
+drifts (a shared virtual machine) slows both sides of a ratio alike.
+
 What runs (float32 unless --dtype):
 - prefill forward and forward + backward, causal layout: `segment_attention` against SDPA `is_causal=True`
   (PyTorch's CPU flash kernel, the same work);
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import attention_flops, environment, layout_kv_limit, median_ms, write_records
+from common import attention_flops, environment, interleaved_median_ms, layout_kv_limit, median_ms, write_records
 from tqdm import tqdm
 
 import ism_ext
@@ -62,7 +65,7 @@ def prefill_records(layout: str, tokens: int, head_dim: int, dtype: torch.dtype,
     kv_limit = layout_kv_limit(layout, tokens)
     bench = "cpu_fwd_bwd" if backward else "cpu_fwd"
     flops = attention_flops(kv_limit, heads, head_dim, "fwd_bwd" if backward else "fwd")
-    records = []
+    steps = {}
     for impl in ("ism", BASELINE[layout]):
         fn = _prefill_fn(impl, kv_limit)
         q, k, v = _qkv(tokens, heads, head_dim, dtype, backward)
@@ -72,11 +75,11 @@ def prefill_records(layout: str, tokens: int, head_dim: int, dtype: torch.dtype,
             if backward:
                 out.sum().backward()
 
-        ms = median_ms(step, repeats)
-        records.append({"bench": bench, "impl": impl, "layout": layout, "dtype": str(dtype).split(".")[-1],
-                        "head_dim": head_dim, "heads": heads, "tokens": tokens, "ms_median": ms,
-                        "gflops": flops / (ms * 1e-3) / 1e9, "repeats": repeats, **env})
-    return records
+        steps[impl] = step
+    return [{"bench": bench, "impl": impl, "layout": layout, "dtype": str(dtype).split(".")[-1], "head_dim": head_dim,
+             "heads": heads, "tokens": tokens, "ms_median": ms, "gflops": flops / (ms * 1e-3) / 1e9,
+             "repeats": repeats, **env}
+            for impl, ms in interleaved_median_ms(steps, repeats).items()]
 
 
 def decode_records(batch: int, cache: int, dtype: torch.dtype, repeats: int,
@@ -101,8 +104,7 @@ def decode_records(batch: int, cache: int, dtype: torch.dtype, repeats: int,
 
     flops = 4.0 * d * hq * batch * (cache + 1)
     records = []
-    for impl, fn in (("ism", ours), ("sdpa_cache", sdpa)):
-        ms = median_ms(fn, repeats, warmup=2)
+    for impl, ms in interleaved_median_ms({"ism": ours, "sdpa_cache": sdpa}, repeats, warmup=2).items():
         records.append({"bench": "cpu_decode", "impl": impl, "layout": "decode", "dtype": str(dtype).split(".")[-1],
                         "head_dim": d,
                         "heads": hq, "kv_heads": hkv, "batch": batch, "cache": cache, "ms_median": ms,

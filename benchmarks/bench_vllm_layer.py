@@ -30,12 +30,11 @@ phase, batch, tokens (new tokens for prefill, context for decode), ms_median (me
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import environment, save_impl_bars, write_records
+from common import environment, interleaved_median_ms, save_impl_bars, write_records
 from tqdm import tqdm
 
 import ism_ext
@@ -100,20 +99,6 @@ class LayerCase:
         return run
 
 
-def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each call, the calls alternating inside every repeat after `warmup` rounds."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 def save_plot(records: list[dict[str, Any]], path) -> None:
     """Bars of both impls per case, with the op's speedup over vLLM's kernel written above."""
     cases = [(r["phase"], r["batch"], r["tokens"]) for r in records if r["impl"] == "ism_op"]
@@ -145,8 +130,8 @@ def main() -> None:
     cases += [("decode", b, args.decode_context, LayerCase(b, args.decode_context, 1)) for b in args.decode_batches]
     records = []
     for phase, batch, tokens, case in tqdm(cases, desc="vllm layer", unit="case"):
-        medians = interleaved_medians({"ism_op": case.ism_op(), "vllm_cpu_attn": case.vllm_cpu_attn()},
-                                      args.repeats, args.warmup)
+        medians = interleaved_median_ms({"ism_op": case.ism_op(), "vllm_cpu_attn": case.vllm_cpu_attn()},
+                                        args.repeats, warmup=args.warmup)
         for impl, ms in medians.items():
             records.append({"bench": "vllm_layer", "impl": impl, "phase": phase, "batch": batch, "tokens": tokens,
                             "ms_median": ms, "repeats": args.repeats, "isa_vllm": ISA, **env})

@@ -1,5 +1,5 @@
 """Measurement helpers shared by the benchmarks and the commands."""
 
-from .timing import median_ms
+from .timing import interleaved_median_ms, median_ms
 
-__all__ = ["median_ms"]
+__all__ = ["interleaved_median_ms", "median_ms"]

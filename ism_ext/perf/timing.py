@@ -3,18 +3,21 @@
 Benchmarks, `python -m ism_ext bench` and the `ops` demo all time through `median_ms`, so their figures
 mean the same thing: on the CPU wall time around each call, on CUDA the time between two events recorded
 on the current stream around each call (what the GPU spent, without launch jitter of the host).
+`interleaved_median_ms` times several calls that are compared with each other the same way, the calls taking
+turns inside every repeat: on a machine whose speed drifts over seconds (a shared virtual machine), a slow
+spell then lands on every side of the comparison instead of on whichever ran during it.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["median_ms"]
+__all__ = ["interleaved_median_ms", "median_ms"]
 
 
 def _cuda_ms(fn: Callable[[], Any]) -> float:
@@ -38,12 +41,26 @@ def median_ms(fn: Callable[[], Any], repeats: int, *, warmup: int = 1, device: s
     ``device`` says where ``fn`` runs: ``"cuda"`` (or a CUDA device) times with CUDA events on the current
     stream, after a synchronisation that lets the warm-up finish; anything else times wall-clock.
     """
+    return interleaved_median_ms({"fn": fn}, repeats, warmup=warmup, device=device)["fn"]
+
+
+def interleaved_median_ms(calls: Mapping[str, Callable[[], Any]], repeats: int, *, warmup: int = 1,
+                          device: str | torch.device = "cpu") -> dict[str, float]:
+    """Median milliseconds of each of ``calls`` (name -> function), the calls taking turns inside every repeat.
+
+    ``warmup`` untimed rounds of every call come first; ``device`` as for ``median_ms``.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
-        fn()
+        for call in calls.values():
+            call()
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.cuda.synchronize()
     time_one = _cuda_ms if on_cuda else _wall_ms
-    return statistics.median(time_one(fn) for _ in range(repeats))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(time_one(call))
+    return {name: statistics.median(t) for name, t in times.items()}
