@@ -83,31 +83,52 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
   }
 }
 
-// A column panel of `nv` vectors (the last with `tail` columns when tail < W) swept by MR-row blocks; the
-// leftover rows get a block of exactly their height.
+// One block of `rows` (1..MR) rows starting at row i of a panel.
 template <int NV, bool kTail, typename Epi>
-void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
-           int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
-  constexpr int MR = Vec::kMR;
-  int i = 0;
-  for (; i + MR <= m; i += MR) {
-    micro_tile<MR, NV, kTail>(k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, mode,
-                              row_scale ? row_scale + i : nullptr, tail, i, col0, epi);
-  }
-  const int rows = m - i;
-  if (rows == 0) return;
+__attribute__((always_inline)) inline void row_block(int rows, int i, int k, const float* a, int64_t a_rs,
+                                                     int64_t a_cs, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                     CMode mode, const float* row_scale, int tail, int col0,
+                                                     const Epi& epi) {
   const float* ai = a + i * a_rs;
   float* ci = c + i * ldc;
   const float* si = row_scale ? row_scale + i : nullptr;
-  // MR is at most 6 on every instruction set (simd_*.h); the switch names each leftover height.
-  static_assert(Vec::kMR <= 6, "extend the leftover switch");
+  // MR is at most 6 on every instruction set (simd_*.h); the switch names each height.
+  static_assert(Vec::kMR <= 6, "extend the height switch");
   switch (rows) {
     case 1: micro_tile<1, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
     case 2: micro_tile<2, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
     case 3: micro_tile<3, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
     case 4: micro_tile<4, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    default: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 5: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    default: micro_tile<Vec::kMR, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
   }
+}
+
+// A column panel of `nv` vectors (the last with `tail` columns when tail < W) swept by MR-row blocks. The rows
+// past the last whole block are not left to a short block of their own: a block of 1-2 rows keeps too few
+// accumulators to cover the FMA latency and runs at half the rate or less. The last whole block and the
+// leftover share the rows instead, in two blocks of about equal height (128 rows = 20 x 6 + 4 + 4, not
+// 21 x 6 + 2).
+template <int NV, bool kTail, typename Epi>
+void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+           int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
+  constexpr int MR = Vec::kMR;
+  const int whole = m / MR, left = m % MR;
+  const int split_from = (left > 0 && whole > 0 ? whole - 1 : whole) * MR;
+  int i = 0;
+  for (; i < split_from; i += MR) {
+    micro_tile<MR, NV, kTail>(k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, mode,
+                              row_scale ? row_scale + i : nullptr, tail, i, col0, epi);
+  }
+  const int rest = m - i;  // 0, a short matrix's rows (< MR), or MR + left rows to split
+  if (rest == 0) return;
+  if (rest <= MR) {
+    row_block<NV, kTail>(rest, i, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+    return;
+  }
+  const int first = (rest + 1) / 2;
+  row_block<NV, kTail>(first, i, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+  row_block<NV, kTail>(rest - first, i + first, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
 }
 
 // The panel of the last `cols` (< kNV * W) columns: nv vectors, the last one partial when cols % W != 0.

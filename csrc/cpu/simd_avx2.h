@@ -41,14 +41,10 @@ struct Vec {
     return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(vis));
   }
 
-  // Pieces of exp2 (vec_math.h): round to nearest, 2^n for integral n in [-126, 127], and the select of
-  // `r` where x >= bound (0 elsewhere; NaN x keeps r).
+  // Pieces of exp2 (vec_math.h): round to nearest, and 2^n for integral n in [-127, 127] (n = -127 gives 0).
   static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V pow2i(V n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-  }
-  static V zero_below(V x, float bound, V r) {
-    return _mm256_blendv_ps(r, zero(), _mm256_cmp_ps(x, set1(bound), _CMP_LT_OQ));
   }
 
   // Lane i of the result is the sum of a[i]'s lanes: the W dot products of a block of keys against one query

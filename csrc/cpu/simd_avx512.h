@@ -40,14 +40,10 @@ struct Vec {
     return _mm512_mask_blend_ps(vis, fill, x);
   }
 
-  // Pieces of exp2 (vec_math.h): round to nearest, 2^n for integral n in [-126, 127], and the select of
-  // `r` where x >= bound (0 elsewhere; NaN x keeps r).
+  // Pieces of exp2 (vec_math.h): round to nearest, and 2^n for integral n in [-127, 127] (n = -127 gives 0).
   static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V pow2i(V n) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-  }
-  static V zero_below(V x, float bound, V r) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(bound), _CMP_LT_OQ), r, zero());
   }
 
   // Lane i of the result is the sum of a[i]'s lanes: the W dot products of a block of keys against one query

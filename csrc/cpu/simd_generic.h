@@ -45,7 +45,8 @@ struct Vec {
     return lim > (I{} + key) ? x : fill;
   }
 
-  // Pieces of exp2 (vec_math.h). Rounding adds and subtracts 1.5 * 2^23 (no rounding-mode calls).
+  // Pieces of exp2 (vec_math.h): round to nearest by adding and subtracting 1.5 * 2^23 (no rounding-mode
+  // calls), and 2^n for integral n in [-127, 127] (n = -127 gives 0).
   static V round(V x) { return (x + 12582912.f) - 12582912.f; }
   static V pow2i(V n) {
     const I bits = (__builtin_convertvector(n, I) + 127) << 23;
@@ -53,7 +54,6 @@ struct Vec {
     std::memcpy(&r, &bits, sizeof(V));
     return r;
   }
-  static V zero_below(V x, float bound, V r) { return x < set1(bound) ? zero() : r; }
 
   // Lane i of the result is the sum of a[i]'s lanes.
   static V sum_each(const V (&a)[W]) {

@@ -3,13 +3,14 @@
 
 namespace ism::cpu::ISM_ISA_NS {
 
-// 2^x with a relative error of at most 2.4e-7; 0 below -126 and for -inf; NaN stays NaN. A libm call per
-// element would cost more than the tile products around it. 2^x = 2^n * 2^f with n = round(x), f in
-// [-0.5, 0.5], and 2^f = e^(f ln 2) as its Taylor series to degree 6.
+// 2^x for x <= 0 (or a rounding error above 0): every caller exponentiates a score minus a reference that is at
+// least as large (a running max, a log-sum-exp). Relative error at most 2.4e-7; 0 for x < -126.5 and for -inf;
+// NaN stays NaN. A libm call per element would cost more than the tile products around it.
+// 2^x = 2^n * 2^f with n = round(x), f in [-0.5, 0.5], and 2^f = e^(f ln 2) as its Taylor series to degree 6.
+// Below -126.5, n = -127 makes 2^n's exponent field 0, so the product is exactly 0: no compare and select.
 inline typename Vec::V exp2v(typename Vec::V x) {
   using V = typename Vec::V;
-  // Operand order keeps NaN: max/min return their second operand when either is NaN.
-  const V xc = Vec::min(Vec::set1(127.f), Vec::max(Vec::set1(-126.f), x));
+  const V xc = Vec::max(Vec::set1(-127.f), x);  // operand order keeps NaN: max returns its second operand then
   const V n = Vec::round(xc);
   const V f = Vec::sub(xc, n);
   V p = Vec::set1(1.5403530e-4f);
@@ -19,7 +20,7 @@ inline typename Vec::V exp2v(typename Vec::V x) {
   p = Vec::fma(p, f, Vec::set1(2.4022651e-1f));
   p = Vec::fma(p, f, Vec::set1(6.9314718e-1f));
   p = Vec::fma(p, f, Vec::set1(1.f));
-  return Vec::zero_below(x, -126.f, Vec::mul(p, Vec::pow2i(n)));
+  return Vec::mul(p, Vec::pow2i(n));
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS
