@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--decode-caches", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--name", default=None,
                         help="results/<name>.json and .png (default cpu_attention_<torch capability>, _<dtype> added "
                         "unless float32)")
