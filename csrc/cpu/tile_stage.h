@@ -35,8 +35,7 @@ inline void convert_row(const T* src, int d, float scale, float* dst) {
 // them. A B panel of the micro-kernel is read one row per k step, the same W-column strip of many rows; at a
 // power-of-two row stride those rows fall into a few sets of the L1 cache and evict each other (128 rows of 512
 // bytes share 8 of a 32 KiB 8-way L1's 64 sets: half the panel misses on every sweep). An odd number of lines
-// per row spreads the rows over every set. Measured on an AMD EPYC (Zen 3, 32 KiB L1): one thread, causal
-// forward at 2048 tokens, head dim 128, from 63 to 74 GFLOP/s.
+// per row spreads the rows over every set (docs/cpu_kernels.md has the measurements).
 inline int padded_ld(int cols) {
   constexpr int kLine = 16;  // floats in a 64-byte cache line
   const int lines = std::max(1, (cols + kLine - 1) / kLine);
