@@ -19,7 +19,6 @@ struct FwdScratch {
 
 inline int pad_lanes(int m) { return (m + Vec::W - 1) / Vec::W * Vec::W; }
 
-
 // The end of a query tile: out = acc / row_sum and lse in natural log, from the final softmax state in w.
 template <typename ORows>
 void finish_rows(int m, int d, const ORows& out, float* lse, FwdScratch& w) {
