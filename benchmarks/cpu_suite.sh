@@ -7,8 +7,10 @@
 #                                                #       train trl
 #
 # kernels_avx2 runs the kernel benchmark with torch and the op both capped at AVX2 (ATEN_CPU_CAPABILITY, and
-# MKL/oneDNN for torch's matmul): on an AVX-512 machine, the figures of an AVX2-only one. It is skipped where
-# the CPU has no AVX2. Each stage's log goes to benchmarks/results/logs/<stage>.log.
+# MKL/oneDNN for torch's matmul): AVX2 instructions on an AVX-512 machine, with that machine's caches, so not
+# an AVX2 machine's figures (docs/performance.md). It writes cpu_attention_avx2_capped.* and leaves the real
+# AVX2 machine's cpu_attention_avx2.* (the `kernels` stage there) alone; it is skipped where the CPU has no
+# AVX-512 (there `kernels` is the AVX2 run) or no AVX2. Each stage's log goes to benchmarks/results/logs/<stage>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,11 +34,11 @@ for stage in "${stages[@]}"; do
     kernels) run kernels "$PY" benchmarks/bench_cpu.py ;;
     kernels_bf16) run kernels_bf16 "$PY" benchmarks/bench_cpu.py --dtype bfloat16 ;;
     kernels_avx2)
-      if grep -qw avx2 /proc/cpuinfo; then
+      if grep -qw avx2 /proc/cpuinfo && grep -qw avx512f /proc/cpuinfo; then
         run kernels_avx2 env ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
-          "$PY" benchmarks/bench_cpu.py
+          "$PY" benchmarks/bench_cpu.py --name cpu_attention_avx2_capped
       else
-        echo "== kernels_avx2: skipped, no AVX2 on this CPU"
+        echo "== kernels_avx2: skipped, the CPU has no AVX-512 to cap (or no AVX2)"
       fi ;;
     decode) run decode "$PY" benchmarks/bench_decode.py ;;
     chat) run chat "$PY" benchmarks/bench_chat.py ;;
