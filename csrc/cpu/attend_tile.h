@@ -93,8 +93,7 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
     const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
-    const FloatTile vt = m >= kCopyPanelMinRows ? copy_rows(v, k0, n, d, w.v.data(), padded_ld(d))
-                                                 : stage_rows(v, k0, n, d, w.v.data());
+    const FloatTile vt = stage_panel(v, k0, n, d, m, w.v.data());  // P V's B panel
     const bool masked = !key_tile_is_full(min_limit, k0, n);
     const int step = masked ? kSubTileK : n;
     for (int s0 = 0; s0 < n; s0 += step) {

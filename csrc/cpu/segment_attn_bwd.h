@@ -92,9 +92,7 @@ void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, 
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    // K is dQ's B panel: copied at a padded stride for a tall query tile (tile_stage.h).
-    const FloatTile kt = m >= kCopyPanelMinRows ? copy_rows(k_rows, k0, n, d, w.k.data(), padded_ld(d))
-                                                : stage_rows(k_rows, k0, n, d, w.k.data());
+    const FloatTile kt = stage_panel(k_rows, k0, n, d, m, w.k.data());  // dQ += dS K's B panel
     const FloatTile vt = stage_rows(v_rows, k0, n, d, w.v.data());
     // Boundary tiles in sub-tiles that skip the query lanes seeing none of their keys, as in the forward.
     const int step = key_tile_is_full(s.min_limit, k0, n) ? n : kSubTileK;

@@ -43,8 +43,8 @@ inline int padded_ld(int cols) {
 }
 
 // From this many rows of A on, a product copies a B panel it would read in place into a padded buffer
-// (copy_rows at padded_ld): the copy costs about 2 / m of the product, the set conflicts of an in-place panel
-// grow with the row blocks that sweep it.
+// (stage_panel): the copy costs about 2 / m of the product, the set conflicts of an in-place panel grow with
+// the row blocks that sweep it.
 constexpr int kCopyPanelMinRows = kTileQ / 4;
 
 // Rows [r0, r0 + n) converted to float32 into buf at leading dimension ld (>= d).
@@ -56,7 +56,7 @@ FloatTile copy_rows(const Rows& rows, int64_t r0, int n, int d, float* buf, int6
 
 // Rows [r0, r0 + n) as float32: in place when they are float32 and evenly spaced, else converted into buf
 // (n x d). For rows read as a product's A operand (one broadcast at a time, so their stride does not matter)
-// or by few rows of the other operand; a B panel that many row blocks sweep is copied (copy_rows, padded_ld).
+// or by few rows of the other operand; a B panel that many row blocks sweep goes through stage_panel.
 template <typename Rows>
 FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
   using T = row_element_t<Rows>;
@@ -64,6 +64,13 @@ FloatTile stage_rows(const Rows& rows, int64_t r0, int n, int d, float* buf) {
     if (n > 0 && rows.run(r0, n) == n) return {rows(r0), rows.run_stride()};
   }
   return copy_rows(rows, r0, n, d, buf, d);
+}
+
+// Rows [r0, r0 + n) as the B panel of a product with a_rows rows of A: copied at padded_ld(d) when that many
+// row blocks sweep it (buf holds n x padded_ld(d)), else staged as stage_rows does.
+template <typename Rows>
+FloatTile stage_panel(const Rows& rows, int64_t r0, int n, int d, int a_rows, float* buf) {
+  return a_rows >= kCopyPanelMinRows ? copy_rows(rows, r0, n, d, buf, padded_ld(d)) : stage_rows(rows, r0, n, d, buf);
 }
 
 // dst[c][i] = scale * rows(r0 + i)[c] for i < m, c < d; zeros for i in [m, ld). The transposed query-side
