@@ -18,24 +18,28 @@ import ism_ext
 TESTS = pathlib.Path(__file__).resolve().parent
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("" where there is none)."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
 
 
-FLAGS = _cpu_flags()
+FLAGS = set(_cpuinfo("flags").split())
 HAS_AVX2 = {"avx2", "fma", "f16c"} <= FLAGS
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
+# The bfloat16 dot-product build runs where VDPBF16PS outpaces the FMAs: AMD's cores (cpu_dispatch.cpp).
+HAS_FAST_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in FLAGS and _cpuinfo("vendor_id") == "AuthenticAMD"
+WIDEST_AVX512 = "avx512_bf16" if HAS_FAST_AVX512_BF16 else "avx512"  # ATen's AVX512 level runs this build
 
 
 def _expected_isa(capability: str) -> str:
     if capability == "AVX512" and HAS_AVX512:
-        return "avx512"
+        return WIDEST_AVX512
     if capability in ("AVX2", "AVX512") and HAS_AVX2:
         return "avx2"
     return "generic"
@@ -46,10 +50,11 @@ def test_dispatch_picks_the_widest_allowed_build():
     chosen = torch.ops.ism.cpu_kernel_isa()
     assert chosen == _expected_isa(torch.backends.cpu.get_cpu_capability())
     if HAS_AVX2 and "ATEN_CPU_CAPABILITY" not in os.environ:
-        assert chosen in ("avx2", "avx512"), f"an AVX2 machine must run the AVX2 (or wider) kernels, ran {chosen}"
+        wide_enough = ("avx2", "avx512", "avx512_bf16")
+        assert chosen in wide_enough, f"an AVX2 machine must run the AVX2 (or wider) kernels, ran {chosen}"
 
 
-LEVELS = [("default", "generic", True), ("avx2", "avx2", HAS_AVX2), ("avx512", "avx512", HAS_AVX512)]
+LEVELS = [("default", "generic", True), ("avx2", "avx2", HAS_AVX2), ("avx512", WIDEST_AVX512, HAS_AVX512)]
 
 
 @pytest.mark.parametrize("capability,isa,runs_here", LEVELS, ids=[lvl[0] for lvl in LEVELS])
@@ -120,6 +125,60 @@ def test_nan_in_a_row_that_sees_nothing_stays_empty():
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0, 0])
 
 
+FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # gradients
+FWD_FLOOR = {torch.float32: 2e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # about half the errors seen
+
+
+def _sdpa_math(case, q, k, v):
+    """PyTorch's math path on the case's packed layout (one dense mask over all sequences, each row seeing keys of
+    its own sequence below its kv_limit), in the tensors' dtype: [total_q, heads, D]."""
+    group = q.shape[1] // k.shape[1]
+    seq_of_q = torch.repeat_interleave(torch.arange(case.cu_seqlens_q.numel() - 1), case.cu_seqlens_q.diff().long())
+    seq_of_k = torch.repeat_interleave(torch.arange(case.cu_seqlens_k.numel() - 1), case.cu_seqlens_k.diff().long())
+    key_in_seq = torch.arange(k.shape[0]) - case.cu_seqlens_k.long()[seq_of_k]
+    mask = (seq_of_q[:, None] == seq_of_k[None, :]) & (key_in_seq[None, :] < case.kv_limit.long()[:, None])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1),
+                                             v.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask,
+                                             scale=case.softmax_scale)
+    return out.transpose(0, 1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [2, 40, 64, 128, 256])
+@pytest.mark.parametrize("limits", ["causal", "ism", "mas"])
+def test_forward_as_accurate_as_pytorch_in_the_same_dtype(dtype, head_dim, limits):
+    """Forward error against float64 at most twice PyTorch's math path's in the same dtype, plus a floor: the
+    bfloat16 forward on the AVX512_BF16 dot product rounds P to bfloat16 (attend_pairs.h), the others do not."""
+    case = make_case([300, 1, 131], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits=limits,
+                     seed=head_dim + len(limits))
+    ref, _ = reference_attention(case.q.double(), case.k.double(), case.v.double(), case.kv_limit,
+                                 case.cu_seqlens_q, case.cu_seqlens_k, case.softmax_scale)
+    out = ism_ext.segment_attention(case.q, case.k, case.v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q,
+                                    cu_seqlens_k=case.cu_seqlens_k, softmax_scale=case.softmax_scale)
+    mine, theirs = _rel(out, ref), _rel(_sdpa_math(case, case.q, case.k, case.v), ref)
+    assert mine <= 2 * theirs + FWD_FLOOR[dtype], f"out: {mine:.3g} vs PyTorch math {theirs:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_keys_at_an_odd_row_stride(dtype):
+    """K and V rows 65 elements apart: bfloat16 pairs cannot be read in place at an odd stride and are copied."""
+    case = make_case([200, 57], heads_q=2, heads_kv=1, head_dim=64, dtype=dtype, limits="ism", seed=5)
+    wide = [torch.cat([t, torch.zeros(t.shape[0], 1, 1, dtype=dtype)], dim=2) for t in (case.k, case.v)]
+    k, v = (t[..., :64] for t in wide)
+    assert k.stride(0) == 65
+    ref, _ = reference_attention(case.q.double(), case.k.double(), case.v.double(), case.kv_limit,
+                                 case.cu_seqlens_q, case.cu_seqlens_k, case.softmax_scale)
+    out = ism_ext.segment_attention(case.q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q,
+                                    cu_seqlens_k=case.cu_seqlens_k, softmax_scale=case.softmax_scale)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert (out.double() - ref).abs().max().item() <= atol * max(1.0, ref.abs().max().item())
+
+
 def _grad_errors(case, dtype, g):
     """Norm-relative errors against float64 of (dq, dk) for the op and for SDPA's math path in `dtype`."""
     qr, kr, vr = (t.double().requires_grad_(True) for t in (case.q, case.k, case.v))
@@ -128,23 +187,10 @@ def _grad_errors(case, dtype, g):
     q, k, v = (t.clone().requires_grad_(True) for t in (case.q, case.k, case.v))
     ism_ext.segment_attention(q, k, v, case.kv_limit, cu_seqlens_q=case.cu_seqlens_q, cu_seqlens_k=case.cu_seqlens_k,
                               softmax_scale=case.softmax_scale).backward(g)
-    group = case.q.shape[1] // case.k.shape[1]
     qs, ks, vs = (t.clone().requires_grad_(True) for t in (case.q, case.k, case.v))
-    mask = torch.arange(case.k.shape[0])[None, :] < case.kv_limit.long()[:, None]
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.repeat_interleave(group, 1).transpose(0, 1),
-                                             vs.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask,
-                                             scale=case.softmax_scale)
-    out.transpose(0, 1).backward(g)
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
-
+    _sdpa_math(case, qs, ks, vs).backward(g)
     pairs = ((q.grad, qs.grad, qr.grad), (k.grad, ks.grad, kr.grad))
-    return [(rel(mine, r), rel(theirs, r)) for mine, theirs, r in pairs]
-
-
-FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+    return [(_rel(mine, r), _rel(theirs, r)) for mine, theirs, r in pairs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

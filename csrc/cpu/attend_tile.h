@@ -71,12 +71,24 @@ inline int first_lanes_seeing(const int32_t* limit, int m, int key) {
   return first == m ? m : first / Vec::W * Vec::W;
 }
 
+#if defined(ISM_ISA_NATIVE_BF16)
+// The same loop on bfloat16 pairs (attend_pairs.h, included after this file by the avx512_bf16 build).
+template <typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
+                             const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w);
+#endif
+
 // Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
 // (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
 // `max_limit` is the largest limit of the m rows: key tiles at or past it are never read.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                        int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
+    if (d % 2 == 0) return attend_query_tile_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  }
+#endif
   const int m_pad = pad_lanes(m), ld = padded_ld(m_pad);  // q^T and S^T: m_pad live lanes in rows of ld
   // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
   pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), ld);

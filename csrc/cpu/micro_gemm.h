@@ -1,4 +1,4 @@
-// Float32 GEMM for the attention tiles: C[m x n] (=, +=, or row-scaled +=) A[m x k] * B[k x n].
+// GEMM for the attention tiles: C[m x n] (=, +=, or row-scaled +=) A[m x k] * B[k x n], C in float32.
 //
 // A is read through strides, A(i, p) = a[i * a_rs + p * a_cs], so the same kernel takes K or V rows as
 // they lie in the tensor (a_cs = 1) and a transposed score tile (a_rs = 1); B is row-major (ldb), C too.
@@ -27,13 +27,49 @@ struct NoEpilogue {
   void block(int, int, V (&)[MR][NV]) const {}
 };
 
+// The A and B of a float32 product: A(i, p) = a[i * a_rs + p * a_cs], B row p at b + p * ldb. An operand type
+// says how a register block's k loop reads them (accumulate) and where a block of rows and columns starts (at);
+// the loops below are written once over it (the bfloat16 pairs of attend_pairs.h are the other operand type).
+struct FloatOperands {
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t ldb;
+
+  FloatOperands at(int row, int col) const { return {a + row * a_rs, a_rs, a_cs, b + col, ldb}; }
+
+  // acc[i][v] += sum over p < k of A(i, p) * B(p, v * W ..): the micro-kernel's inner loop, MR x NV in registers.
+  template <int MR, int NV, bool kTail>
+  __attribute__((always_inline)) void accumulate(int k, typename Vec::V (&acc)[MR][NV], int tail) const {
+    using V = typename Vec::V;
+    constexpr int W = Vec::W;
+    const float* a_rows[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) a_rows[i] = a + i * a_rs;
+    for (int p = 0; p < k; ++p) {
+      V bp[NV];
+      const float* bk = b + p * ldb;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
+      }
+      const int64_t ap = p * a_cs;
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const V ai = Vec::set1(a_rows[i][ap]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bp[v], acc[i][v]);
+      }
+    }
+  }
+};
+
 // One register block: rows [0, MR) of C, NV vectors of columns. With kTail the last vector holds only
 // `tail` (< W) valid columns.
-template <int MR, int NV, bool kTail, typename Epi>
-__attribute__((always_inline)) inline void micro_tile(int k, const float* a, int64_t a_rs, int64_t a_cs,
-                                                      const float* b, int64_t ldb, float* c, int64_t ldc,
-                                                      CMode mode, const float* row_scale, int tail, int row0,
-                                                      int col0, const Epi& epi) {
+template <int MR, int NV, bool kTail, typename Ops, typename Epi>
+__attribute__((always_inline)) inline void micro_tile(int k, const Ops& ops, float* c, int64_t ldc, CMode mode,
+                                                      const float* row_scale, int tail, int row0, int col0,
+                                                      const Epi& epi) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   V acc[MR][NV];
@@ -50,24 +86,7 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
       }
     }
   }
-  const float* a_rows[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) a_rows[i] = a + i * a_rs;
-  for (int p = 0; p < k; ++p) {
-    V bp[NV];
-    const float* bk = b + p * ldb;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
-    }
-    const int64_t ap = p * a_cs;
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const V ai = Vec::set1(a_rows[i][ap]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bp[v], acc[i][v]);
-    }
-  }
+  ops.template accumulate<MR, NV, kTail>(k, acc, tail);
   epi.template block<MR, NV>(row0, col0, acc);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -84,23 +103,22 @@ __attribute__((always_inline)) inline void micro_tile(int k, const float* a, int
 }
 
 // One block of `rows` (1..MR) rows starting at row i of a panel.
-template <int NV, bool kTail, typename Epi>
-__attribute__((always_inline)) inline void row_block(int rows, int i, int k, const float* a, int64_t a_rs,
-                                                     int64_t a_cs, const float* b, int64_t ldb, float* c, int64_t ldc,
+template <int NV, bool kTail, typename Ops, typename Epi>
+__attribute__((always_inline)) inline void row_block(int rows, int i, int k, const Ops& ops, float* c, int64_t ldc,
                                                      CMode mode, const float* row_scale, int tail, int col0,
                                                      const Epi& epi) {
-  const float* ai = a + i * a_rs;
+  const Ops oi = ops.at(i, 0);
   float* ci = c + i * ldc;
   const float* si = row_scale ? row_scale + i : nullptr;
   // MR is at most 6 on every instruction set (simd_*.h); the switch names each height.
   static_assert(Vec::kMR <= 6, "extend the height switch");
   switch (rows) {
-    case 1: micro_tile<1, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    case 2: micro_tile<2, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    case 3: micro_tile<3, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    case 4: micro_tile<4, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    case 5: micro_tile<5, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
-    default: micro_tile<Vec::kMR, NV, kTail>(k, ai, a_rs, a_cs, b, ldb, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 1: micro_tile<1, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 2: micro_tile<2, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 3: micro_tile<3, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 4: micro_tile<4, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
+    case 5: micro_tile<5, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
+    default: micro_tile<Vec::kMR, NV, kTail>(k, oi, ci, ldc, mode, si, tail, i, col0, epi); break;
   }
 }
 
@@ -109,62 +127,69 @@ __attribute__((always_inline)) inline void row_block(int rows, int i, int k, con
 // accumulators to cover the FMA latency and runs at half the rate or less. The last whole block and the
 // leftover share the rows instead, in two blocks of about equal height (128 rows = 20 x 6 + 4 + 4, not
 // 21 x 6 + 2).
-template <int NV, bool kTail, typename Epi>
-void panel(int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
-           int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
+template <int NV, bool kTail, typename Ops, typename Epi>
+void panel(int m, int k, const Ops& ops, float* c, int64_t ldc, CMode mode, const float* row_scale, int tail,
+           int col0, const Epi& epi) {
   constexpr int MR = Vec::kMR;
   const int whole = m / MR, left = m % MR;
   const int split_from = (left > 0 && whole > 0 ? whole - 1 : whole) * MR;
   int i = 0;
   for (; i < split_from; i += MR) {
-    micro_tile<MR, NV, kTail>(k, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, mode,
-                              row_scale ? row_scale + i : nullptr, tail, i, col0, epi);
+    micro_tile<MR, NV, kTail>(k, ops.at(i, 0), c + i * ldc, ldc, mode, row_scale ? row_scale + i : nullptr, tail,
+                              i, col0, epi);
   }
   const int rest = m - i;  // 0, a short matrix's rows (< MR), or MR + left rows to split
   if (rest == 0) return;
   if (rest <= MR) {
-    row_block<NV, kTail>(rest, i, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+    row_block<NV, kTail>(rest, i, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
     return;
   }
   const int first = (rest + 1) / 2;
-  row_block<NV, kTail>(first, i, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
-  row_block<NV, kTail>(rest - first, i + first, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+  row_block<NV, kTail>(first, i, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
+  row_block<NV, kTail>(rest - first, i + first, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
 }
 
 // The panel of the last `cols` (< kNV * W) columns: nv vectors, the last one partial when cols % W != 0.
-template <int NV, typename Epi>
-void last_panel(int nv, int m, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-                float* c, int64_t ldc, CMode mode, const float* row_scale, int tail, int col0, const Epi& epi) {
+template <int NV, typename Ops, typename Epi>
+void last_panel(int nv, int m, int k, const Ops& ops, float* c, int64_t ldc, CMode mode, const float* row_scale,
+                int tail, int col0, const Epi& epi) {
   if constexpr (NV >= 1) {
     if (nv == NV) {
       if (tail == Vec::W) {
-        panel<NV, false>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+        panel<NV, false>(m, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
       } else {
-        panel<NV, true>(m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+        panel<NV, true>(m, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
       }
     } else {
-      last_panel<NV - 1>(nv, m, k, a, a_rs, a_cs, b, ldb, c, ldc, mode, row_scale, tail, col0, epi);
+      last_panel<NV - 1>(nv, m, k, ops, c, ldc, mode, row_scale, tail, col0, epi);
     }
   }
 }
 
-// C[m x n] (mode) A[m x k] * B[k x n]. row_scale (m floats) is read only with CMode::kScaleAdd; `epi` sees
-// every block of C before it is stored. NV, the vectors of a column panel, is the instruction set's square
-// block unless a caller with few rows asks for a wider one (attend_rows.h).
-template <int NV = Vec::kNV, typename Epi = NoEpilogue>
-void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
-          int64_t ldc, CMode mode, const float* row_scale = nullptr, const Epi& epi = Epi{}) {
+// C[m x n] (mode) A[m x k] * B[k x n] for any operand type (k counts the operands' steps). row_scale (m floats)
+// is read only with CMode::kScaleAdd; `epi` sees every block of C before it is stored. NV, the vectors of a
+// column panel, is the instruction set's square block unless a caller with few rows asks for a wider one.
+template <int NV = Vec::kNV, typename Ops, typename Epi = NoEpilogue>
+void gemm_ops(int m, int n, int k, const Ops& ops, float* c, int64_t ldc, CMode mode,
+              const float* row_scale = nullptr, const Epi& epi = Epi{}) {
   if (m <= 0 || n <= 0) return;
   constexpr int W = Vec::W, kPanel = NV * W;
   int j = 0;
   for (; j + kPanel <= n; j += kPanel) {
-    panel<NV, false>(m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, W, j, epi);
+    panel<NV, false>(m, k, ops.at(0, j), c + j, ldc, mode, row_scale, W, j, epi);
   }
   const int cols = n - j;
   if (cols > 0) {
     const int nv = (cols + W - 1) / W;
-    last_panel<NV>(nv, m, k, a, a_rs, a_cs, b + j, ldb, c + j, ldc, mode, row_scale, cols - (nv - 1) * W, j, epi);
+    last_panel<NV>(nv, m, k, ops.at(0, j), c + j, ldc, mode, row_scale, cols - (nv - 1) * W, j, epi);
   }
+}
+
+// The float32 product (attend_rows.h asks for a wider panel NV when it has few rows).
+template <int NV = Vec::kNV, typename Epi = NoEpilogue>
+void gemm(int m, int n, int k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+          int64_t ldc, CMode mode, const float* row_scale = nullptr, const Epi& epi = Epi{}) {
+  gemm_ops<NV>(m, n, k, FloatOperands{a, a_rs, a_cs, b, ldb}, c, ldc, mode, row_scale, epi);
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

@@ -1,11 +1,16 @@
-// 16-lane float32 vectors on AVX-512 (x86-64-v4). Included only by kernels_avx512.cpp, after its target
-// pragma, inside that file's ISA namespace (see isa_kernels.h for the contract every Vec meets).
+// 16-lane float32 vectors on AVX-512 (x86-64-v4). Included by kernels_avx512.cpp and kernels_avx512_bf16.cpp,
+// after their target pragma, inside that file's ISA namespace (see isa_kernels.h for the contract every Vec
+// meets). The second defines ISM_ISA_NATIVE_BF16 and gets the AVX512_BF16 pair operations as well.
 #pragma once
 
 namespace ism::cpu::ISM_ISA_NS {
 
 struct Vec {
+#if defined(ISM_ISA_NATIVE_BF16)
+  static constexpr const char* kName = "avx512_bf16";
+#else
   static constexpr const char* kName = "avx512";
+#endif
   static constexpr int W = 16;
   // Register blocking of the micro-kernel: 6 x 4 vectors = 24 of the 32 zmm registers hold C, 4 hold a
   // row of B, 1 the broadcast of A. Four B loads and six broadcasts feed 24 FMAs per k step.
@@ -101,6 +106,35 @@ struct Vec {
   static V load_cvt(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+
+#if defined(ISM_ISA_NATIVE_BF16)
+  // bfloat16 pairs (attend_pairs.h): a 32-bit word holds two bfloat16, the even one in the low half; a vector
+  // of words is carried in a V (its bits, never its float value).
+
+  // The word at p in every lane.
+  static V broadcast_pair(const void* p) {
+    int32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    return _mm512_castsi512_ps(_mm512_set1_epi32(word));
+  }
+  // acc[l] += a.lo[l] * b.lo[l] + a.hi[l] * b.hi[l] in float32 (VDPBF16PS: twice the products of an FMA).
+  static V dot_pairs(V acc, V a, V b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(b));
+  }
+  // Lane l = (lo[l], hi[l]) rounded to bfloat16 (to nearest even; NaN stays NaN).
+  static V round_to_pairs(V lo, V hi) {
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // 16 bf16 of lo, then 16 of hi
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                                7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_castsi512_ps(_mm512_permutexvar_epi16(interleave, both));
+  }
+  // Lane l = (lo[l], hi[l]) for W bfloat16 of two rows, bits unchanged.
+  static V interleave_pairs(const c10::BFloat16* lo, const c10::BFloat16* hi) {
+    const I l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+    const I h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+    return _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  }
+#endif
 };
 
 }  // namespace ism::cpu::ISM_ISA_NS

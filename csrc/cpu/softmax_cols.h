@@ -37,10 +37,22 @@ struct MaskAndColumnMax {
   }
 };
 
+// Where the forward's softmax step puts the probabilities of key rows j and j + 1 of S^T (one vector of lanes,
+// `col` is row 0 of that vector): back in place as float32. attend_pairs.h stores them as bfloat16 pairs instead.
+struct ProbsInPlace {
+  static void two(float* col, int j, int64_t ld, typename Vec::V p0, typename Vec::V p1) {
+    Vec::store(col + j * ld, p0);
+    Vec::store(col + (j + 1) * ld, p1);
+  }
+  static void one(float* col, int j, int64_t ld, typename Vec::V p0) { Vec::store(col + j * ld, p0); }
+};
+
 // One forward step over the key rows of S^T (n rows, ld columns, m_pad of them live), already masked and
-// with each lane's max in tile_max (MaskAndColumnMax): updates max and sum and overwrites S^T with the
-// unnormalised probabilities. A NaN score stays NaN in its probability, so NaN inputs give NaN outputs; a
-// lane that sees nothing keeps probability 0 (its max stays -inf and the exponent is taken against 0).
+// with each lane's max in tile_max (MaskAndColumnMax): updates max and sum and hands the unnormalised
+// probabilities to Store (by default over S^T). A NaN score stays NaN in its probability, so NaN inputs give
+// NaN outputs; a lane that sees nothing keeps probability 0 (its max stays -inf and the exponent is taken
+// against 0).
+template <typename Store = ProbsInPlace>
 inline void softmax_update_cols(float* st, int n, int64_t ld, int m_pad, const float* tile_max,
                                 const SoftmaxState& state) {
   using V = typename Vec::V;
@@ -55,14 +67,13 @@ inline void softmax_update_cols(float* st, int n, int64_t ld, int m_pad, const f
     for (; j + 2 <= n; j += 2) {
       const V p0 = exp2v(Vec::sub(Vec::load(col + j * ld), ref));
       const V p1 = exp2v(Vec::sub(Vec::load(col + (j + 1) * ld), ref));
-      Vec::store(col + j * ld, p0);
-      Vec::store(col + (j + 1) * ld, p1);
+      Store::two(col, j, ld, p0, p1);
       sum0 = Vec::add(sum0, p0);
       sum1 = Vec::add(sum1, p1);
     }
     if (j < n) {
       const V p0 = exp2v(Vec::sub(Vec::load(col + j * ld), ref));
-      Vec::store(col + j * ld, p0);
+      Store::one(col, j, ld, p0);
       sum0 = Vec::add(sum0, p0);
     }
     const V alpha = exp2v(Vec::sub(old_max, ref));
