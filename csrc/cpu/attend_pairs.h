@@ -126,17 +126,47 @@ struct ProbsAsPairs {
   }
 };
 
-// The S^T product's epilogue on pairs: scores times softmax_scale * log2(e) in float32, then as the float32 path.
-struct ScaleMaskAndColumnMax {
+// Rows [0, n) of a float32 tile (lanes [0, cols), cols a multiple of W), each rounded to bfloat16 in place: row j's
+// lanes 2l and 2l + 1 become word l of the same row, so the row is A of a product reducing over lanes
+// (A(j, l) at t + j * ld + l). Each write lands on lanes already read.
+inline void round_rows_in_place(float* t, int n, int64_t ld, int cols) {
+  constexpr int W = Vec::W;
+  for (int j = 0; j < n; ++j) {
+    float* row = t + j * ld;
+    int c = 0;
+    for (; c + 2 * W <= cols; c += 2 * W) Vec::store(row + c / 2, Vec::round_in_order(Vec::load(row + c), Vec::load(row + c + W)));
+    if (c < cols) Vec::store_part(row + c / 2, Vec::round_in_order(Vec::load(row + c), Vec::zero()), W / 2);
+  }
+}
+
+// Key pairs of a float32 tile: dst row p, lane l = (src[2p][l], src[2p + 1][l]) rounded to bfloat16 (the odd last row
+// paired with 0), for rows [0, n) and lanes [0, cols) of src; both at leading dimension ld. A of a product reducing
+// over the keys (A(l, p) at dst + p * ld + l).
+inline void key_pairs(const float* src, int n, int64_t ld, int cols, float* dst) {
+  constexpr int W = Vec::W;
+  for (int j = 0; j < n; j += 2) {
+    const float* lo = src + j * ld;
+    float* out = dst + (j / 2) * ld;
+    for (int c = 0; c < cols; c += W) {
+      const auto hi = j + 1 < n ? Vec::load(lo + ld + c) : Vec::zero();
+      Vec::store(out + c, Vec::round_to_pairs(Vec::load(lo + c), hi));
+    }
+  }
+}
+
+// The epilogue of an S^T product on pairs: scores times softmax_scale * log2(e) in float32 (the float32 path folds
+// it into q instead), then `then` (the forward's mask and column max; nothing in the backward).
+template <typename Then>
+struct ScaleThen {
   float scale;
-  MaskAndColumnMax mask_max;
+  Then then;
   template <int MR, int NV, typename V>
   void block(int row0, int col0, V (&acc)[MR][NV]) const {
     const V s = Vec::set1(scale);
     for (int i = 0; i < MR; ++i) {
       for (int v = 0; v < NV; ++v) acc[i][v] = Vec::mul(acc[i][v], s);
     }
-    mask_max.block<MR, NV>(row0, col0, acc);
+    then.template block<MR, NV>(row0, col0, acc);
   }
 };
 
@@ -169,7 +199,8 @@ void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int ma
       const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = m_pad - c0;
       if (c0 == m) continue;
       std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
-      const ScaleMaskAndColumnMax epi{softmax_scale * kLog2e, {w.limit.data() + c0, ks, masked, w.tile_max.data() + c0}};
+      const ScaleThen<MaskAndColumnMax> epi{softmax_scale * kLog2e,
+                                            {w.limit.data() + c0, ks, masked, w.tile_max.data() + c0}};
       gemm_ops(ns, cols, words, PairOperands{kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld}, w.st.data() + c0,
                ld, CMode::kSet, nullptr, epi);
       softmax_update_cols<ProbsAsPairs>(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0,

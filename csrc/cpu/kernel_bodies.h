@@ -32,6 +32,9 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #include "attend_rows.h"
 #include "segment_attn_fwd.h"
 #include "segment_attn_bwd.h"
+#if defined(ISM_ISA_NATIVE_BF16)
+#include "segment_attn_bwd_pairs.h"
+#endif
 #include "kvcache_attn.h"
 
 namespace ism::cpu::ISM_ISA_NS {

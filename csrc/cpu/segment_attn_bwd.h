@@ -38,6 +38,19 @@ struct QuerySide {
   FloatTile q, dout;
 };
 
+// The per-lane state of a query tile: limits (padding lanes see nothing, and min_limit), lse in the log2 domain,
+// delta.
+inline void load_lane_state(const SegmentAttnBwdParams& p, const float* delta, int h, QuerySide& s, BwdScratch& w) {
+  const int q0 = s.q0, m = s.m;
+  for (int r = 0; r < s.m_pad; ++r) {
+    const bool live = r < m;
+    w.limit[r] = live ? p.kv_limit[q0 + r] : 0;
+    w.lse2[r] = live ? p.lse[h * p.lse_head_stride + q0 + r] * kLog2e : 0.f;
+    w.delta[r] = live && delta != nullptr ? delta[static_cast<int64_t>(h) * p.total_q + q0 + r] : 0.f;
+    if (live) s.min_limit = std::min(s.min_limit, w.limit[r]);
+  }
+}
+
 template <typename T>
 QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
                           BwdScratch& w) {
@@ -51,13 +64,7 @@ QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int
   pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.ld);
   s.q = copy_rows(q_rows, 0, m, d, w.q.data(), padded_ld(d));
   s.dout = copy_rows(do_rows, 0, m, d, w.dout.data(), padded_ld(d));
-  for (int r = 0; r < s.m_pad; ++r) {
-    const bool live = r < m;
-    w.limit[r] = live ? p.kv_limit[q0 + r] : 0;
-    w.lse2[r] = live ? p.lse[h * p.lse_head_stride + q0 + r] * kLog2e : 0.f;
-    w.delta[r] = live && delta != nullptr ? delta[static_cast<int64_t>(h) * p.total_q + q0 + r] : 0.f;
-    if (live) s.min_limit = std::min(s.min_limit, w.limit[r]);
-  }
+  load_lane_state(p, delta, h, s, w);
   return s;
 }
 
@@ -82,9 +89,22 @@ std::pair<StridedRows<const T>, StridedRows<const T>> kv_rows(const SegmentAttnB
 
 // One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
 // (float32 [len_k, 2, d]: dK row then dV row of each key).
+#if defined(ISM_ISA_NATIVE_BF16)
+// The same two steps on bfloat16 pairs (segment_attn_bwd_pairs.h, included after this file by the avx512_bf16 build).
+inline void bwd_query_tile_pairs(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m,
+                                 int max_limit, float* dkv, BwdScratch& w);
+inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
+                                      float* delta, BwdScratch& w);
+#endif
+
 template <typename T>
 void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
                     float* dkv, BwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (p.head_dim % 2 == 0) return bwd_query_tile_pairs(p, delta, seq, h, q0, m, max_limit, dkv, w);
+  }
+#endif
   const int d = p.head_dim, h_kv = h / (p.h_q / p.h_kv);
   const QuerySide s = load_query_side<T>(p, delta, h, q0, m, max_limit, w);
   const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h_kv);
@@ -141,6 +161,37 @@ std::vector<float> delta_from_output(const SegmentAttnBwdParams& p) {
   return delta;
 }
 
+// The query tile's delta (summed into w.delta) less dlse, into delta [h_q, total_q].
+inline void store_delta(const SegmentAttnBwdParams& p, int h, int q0, int m, float* delta, const BwdScratch& w) {
+  for (int r = 0; r < m; ++r) {
+    const int64_t row = q0 + r;
+    delta[static_cast<int64_t>(h) * p.total_q + row] =
+        w.delta[r] - (p.dlse != nullptr ? p.dlse[h * p.lse_head_stride + row] : 0.f);
+  }
+}
+
+// delta of one (query head h, query tile of m rows at q0) of sequence seq, into delta [h_q, total_q].
+template <typename T>
+void delta_of_query_tile(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit, float* delta,
+                         BwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (p.head_dim % 2 == 0) return delta_of_query_tile_pairs(p, seq, h, q0, m, max_limit, delta, w);
+  }
+#endif
+  const int d = p.head_dim;
+  const QuerySide s = load_query_side<T>(p, nullptr, h, q0, m, max_limit, w);
+  const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h / (p.h_q / p.h_kv));
+  std::fill(w.delta.begin(), w.delta.end(), 0.f);
+  for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
+    const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
+    const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
+    probs_and_dprobs(s, 0, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
+    add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
+  }
+  store_delta(p, h, q0, m, delta, w);
+}
+
 // delta = sum_j P_ij dP_ij - dlse: the same quantity as rowsum(dout * out) in exact arithmetic, but taken
 // from the float32 probabilities rather than from an output rounded to half precision. Where one key takes
 // nearly all the weight, dP - delta cancels, and the rounding of the output would dominate dS.
@@ -151,23 +202,10 @@ std::vector<float> delta_from_probs(const SegmentAttnBwdParams& p, const QueryTi
   run_by_head_heavy_first(
       items, [&p] { return BwdScratch(p.head_dim); },
       [&](const WorkItem& item, BwdScratch& w) {
-        const int d = p.head_dim, q0 = p.cu_seqlens_q[item.seq] + item.tile * kTileQ;
+        const int q0 = p.cu_seqlens_q[item.seq] + item.tile * kTileQ;
         const int m = tile_rows(p.cu_seqlens_q[item.seq + 1] - p.cu_seqlens_q[item.seq], item.tile);
-        const int max_limit = tiles.max_limit_of(item.seq, item.tile);
-        const QuerySide s = load_query_side<T>(p, nullptr, item.head, q0, m, max_limit, w);
-        const auto [k_rows, v_rows] = kv_rows<T>(p, item.seq, item.head / (p.h_q / p.h_kv));
-        std::fill(w.delta.begin(), w.delta.end(), 0.f);
-        for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
-          const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-          const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
-          probs_and_dprobs(s, 0, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
-          add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
-        }
-        for (int r = 0; r < m; ++r) {
-          const int64_t row = q0 + r;
-          delta[static_cast<int64_t>(item.head) * p.total_q + row] =
-              w.delta[r] - (p.dlse != nullptr ? p.dlse[item.head * p.lse_head_stride + row] : 0.f);
-        }
+        delta_of_query_tile<T>(p, item.seq, item.head, q0, m, tiles.max_limit_of(item.seq, item.tile),
+                               delta.data(), w);
       });
   return delta;
 }

@@ -128,6 +128,9 @@ struct Vec {
                                                 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     return _mm512_castsi512_ps(_mm512_permutexvar_epi16(interleave, both));
   }
+  // The lanes of lo, then those of hi, rounded to 2 W bfloat16 in that order (a float32 row as bfloat16 pairs of
+  // neighbouring lanes).
+  static V round_in_order(V lo, V hi) { return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo)); }
   // Lane l = (lo[l], hi[l]) for W bfloat16 of two rows, bits unchanged.
   static V interleave_pairs(const c10::BFloat16* lo, const c10::BFloat16* hi) {
     const I l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
