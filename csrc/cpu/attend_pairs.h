@@ -134,7 +134,9 @@ inline void round_rows_in_place(float* t, int n, int64_t ld, int cols) {
   for (int j = 0; j < n; ++j) {
     float* row = t + j * ld;
     int c = 0;
-    for (; c + 2 * W <= cols; c += 2 * W) Vec::store(row + c / 2, Vec::round_in_order(Vec::load(row + c), Vec::load(row + c + W)));
+    for (; c + 2 * W <= cols; c += 2 * W) {
+      Vec::store(row + c / 2, Vec::round_in_order(Vec::load(row + c), Vec::load(row + c + W)));
+    }
     if (c < cols) Vec::store_part(row + c / 2, Vec::round_in_order(Vec::load(row + c), Vec::zero()), W / 2);
   }
 }
@@ -203,8 +205,8 @@ void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int ma
                                             {w.limit.data() + c0, ks, masked, w.tile_max.data() + c0}};
       gemm_ops(ns, cols, words, PairOperands{kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld}, w.st.data() + c0,
                ld, CMode::kSet, nullptr, epi);
-      softmax_update_cols<ProbsAsPairs>(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0,
-                                        SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
+      const SoftmaxState state{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0};
+      softmax_update_cols<ProbsAsPairs>(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0, state);
       float* acc = w.acc.data();
       const CMode mode = acc_rows.before_product(c0, d, acc, CMode::kScaleAdd);
       gemm_ops(m - c0, d, (ns + 1) / 2, PairOperands{w.st.data() + c0, 1, ld, vt.p + (s0 / 2) * vt.ld, vt.ld},

@@ -20,9 +20,9 @@ bool cpu_has_avx512() {
 }
 
 // AVX512_BF16 where its dot product pays: VDPBF16PS does twice the multiply-adds of a float32 FMA per cycle on
-// AMD's Zen 4 and 5 (Zen 5: 7.5 G instructions/s against 8.0 G FMAs, each with 32 products against 16), but no
-// more than the FMAs on Intel's cores, where the pair path ran 1.1-1.3x slower than converting to float32
-// (docs/cpu_kernels.md).
+// AMD's Zen 4 and 5 (measured on Zen 5: 7.5 G instructions/s against 8.0 G FMAs, 32 products each against
+// 16), but no more than the FMAs on Intel's cores, where the pair path ran 1.1-1.3x slower than converting to
+// float32 (docs/cpu_kernels.md).
 bool cpu_has_fast_avx512_bf16() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();

@@ -15,14 +15,16 @@ namespace ism::cpu {
 template <typename T>
 class ScratchBuffer {
  public:
-  explicit ScratchBuffer(size_t n) : data_(new T[n]) {
+  explicit ScratchBuffer(size_t n) : data_(new T[n]), size_(n) {
 #if defined(ISM_POISON_SCRATCH)
     for (size_t i = 0; i < n; ++i) data_[i] = poison();
 #endif
   }
   T* data() { return data_.get(); }
   T* begin() { return data_.get(); }
+  T* end() { return data_.get() + size_; }
   T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
 
  private:
   static T poison() {
@@ -33,6 +35,7 @@ class ScratchBuffer {
     }
   }
   std::unique_ptr<T[]> data_;
+  size_t size_;
 };
 
 }  // namespace ism::cpu

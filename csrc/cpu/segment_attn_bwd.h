@@ -18,9 +18,10 @@ namespace ism::cpu::ISM_ISA_NS {
 // of the sequence's dK/dV rows).
 constexpr int kBwdMinItems = 16;
 
+// Per-thread tile buffers of the backward (not zeroed: scratch_buffer.h).
 struct BwdScratch {
-  std::vector<float> qt, dot, q, dout, pt, dpt, dq, k, v, lse2, delta, row_scale;
-  std::vector<int32_t> limit;
+  ScratchBuffer<float> qt, dot, q, dout, pt, dpt, dq, k, v, lse2, delta, row_scale;
+  ScratchBuffer<int32_t> limit;
   explicit BwdScratch(int d)
       : qt(static_cast<size_t>(d) * padded_ld(kTileQ)), dot(static_cast<size_t>(d) * padded_ld(kTileQ)),
         q(static_cast<size_t>(kTileQ) * padded_ld(d)), dout(static_cast<size_t>(kTileQ) * padded_ld(d)),
@@ -89,8 +90,19 @@ std::pair<StridedRows<const T>, StridedRows<const T>> kv_rows(const SegmentAttnB
 
 // One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
 // (float32 [len_k, 2, d]: dK row then dV row of each key).
+// dq of a query tile: softmax_scale times the accumulated rows (0 for rows that saw no key), into the gradient.
+template <typename T>
+void store_dq(const SegmentAttnBwdParams& p, int h, int q0, int m, const AccRows& dq_rows, BwdScratch& w) {
+  const int d = p.head_dim;
+  dq_rows.zero_unwritten(m, d, w.dq.data());
+  std::fill(w.row_scale.begin(), w.row_scale.end(), p.softmax_scale);
+  store_rows(w.dq.data(), d, m, d, w.row_scale.data(),
+             strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
+}
+
 #if defined(ISM_ISA_NATIVE_BF16)
-// The same two steps on bfloat16 pairs (segment_attn_bwd_pairs.h, included after this file by the avx512_bf16 build).
+// bwd_query_tile and delta_of_query_tile on bfloat16 pairs (segment_attn_bwd_pairs.h, included after this file
+// by the avx512_bf16 build).
 inline void bwd_query_tile_pairs(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m,
                                  int max_limit, float* dkv, BwdScratch& w);
 inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
@@ -135,10 +147,7 @@ void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, 
            mode);
     }
   }
-  dq_rows.zero_unwritten(m, d, w.dq.data());
-  std::fill(w.row_scale.begin(), w.row_scale.end(), p.softmax_scale);
-  store_rows(w.dq.data(), d, m, d, w.row_scale.data(),
-             strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
+  store_dq<T>(p, h, q0, m, dq_rows, w);
 }
 
 // delta = rowsum(dout * out) - dlse, float32 [h_q, total_q], from the output the forward returned.

@@ -33,17 +33,13 @@ inline QuerySide load_query_side_pairs(const SegmentAttnBwdParams& p, const floa
   return s;
 }
 
-// The key side of one key tile on pairs: K and V rows as words (A of S^T and dP^T) and K's key pairs (B of dQ).
-struct KeyPairs {
-  FloatTile k_rows, v_rows, k_pairs;
-};
-
-inline KeyPairs stage_key_side_pairs(const StridedRows<const c10::BFloat16>& k, const StridedRows<const c10::BFloat16>& v,
-                                     int k0, int n, int d, BwdScratch& w) {
-  // w.v (kTileK x d floats) holds both row copies when they cannot be read in place (n x d / 2 words each).
+// The K and V rows of a key tile as words (A of S^T and dP^T): in place, or copied into w.v (kTileK x d floats holds
+// both copies, n x d / 2 words each).
+inline std::pair<FloatTile, FloatTile> stage_kv_words(const StridedRows<const c10::BFloat16>& k,
+                                                      const StridedRows<const c10::BFloat16>& v, int k0, int n, int d,
+                                                      BwdScratch& w) {
   float* copies = w.v.data();
-  return {stage_pair_rows(k, k0, n, d, copies), stage_pair_rows(v, k0, n, d, copies + kTileK * d / 2),
-          stage_pairs(k, k0, n, d, w.k.data(), padded_ld(d))};
+  return {stage_pair_rows(k, k0, n, d, copies), stage_pair_rows(v, k0, n, d, copies + kTileK * d / 2)};
 }
 
 // probs_and_dprobs on pairs: P^T in w.pt and dP^T in w.dpt (float32) of lanes [c0, m_pad) against key rows
@@ -59,6 +55,7 @@ inline void probs_and_dprobs_pairs(const QuerySide& s, int c0, int k0, int n, in
            CMode::kSet);
 }
 
+// delta_of_query_tile (segment_attn_bwd.h) on pairs.
 inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
                                       float* delta, BwdScratch& w) {
   const int d = p.head_dim;
@@ -67,15 +64,14 @@ inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, in
   std::fill(w.delta.begin(), w.delta.end(), 0.f);
   for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    float* copies = w.v.data();
-    const FloatTile kr = stage_pair_rows(k_rows, k0, n, d, copies);
-    const FloatTile vr = stage_pair_rows(v_rows, k0, n, d, copies + kTileK * d / 2);
+    const auto [kr, vr] = stage_kv_words(k_rows, v_rows, k0, n, d, w);
     probs_and_dprobs_pairs(s, 0, k0, n, d, p.softmax_scale, kr, vr, w);
     add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
   }
   store_delta(p, h, q0, m, delta, w);
 }
 
+// bwd_query_tile (segment_attn_bwd.h) on pairs.
 inline void bwd_query_tile_pairs(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m,
                                  int max_limit, float* dkv, BwdScratch& w) {
   using T = c10::BFloat16;
@@ -86,40 +82,38 @@ inline void bwd_query_tile_pairs(const SegmentAttnBwdParams& p, const float* del
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    const KeyPairs kt = stage_key_side_pairs(k_rows, v_rows, k0, n, d, w);
+    const auto [kr, vr] = stage_kv_words(k_rows, v_rows, k0, n, d, w);
+    const FloatTile kp = stage_pairs(k_rows, k0, n, d, w.k.data(), padded_ld(d));  // B of dQ += dS K
     const int step = key_tile_is_full(s.min_limit, k0, n) ? n : kSubTileK;  // kSubTileK is even: whole key pairs
     for (int s0 = 0; s0 < n; s0 += step) {
       const int ks = k0 + s0, ns = std::min(step, n - s0);
       const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = s.m_pad - c0;
       if (c0 == m) continue;
       const int lane_pairs = (m - c0 + 1) / 2;  // c0 is a multiple of W: pairs start on an even lane
-      probs_and_dprobs_pairs(s, c0, ks, ns, d, p.softmax_scale, {kt.k_rows.p + s0 * kt.k_rows.ld, kt.k_rows.ld},
-                             {kt.v_rows.p + s0 * kt.v_rows.ld, kt.v_rows.ld}, w);
+      probs_and_dprobs_pairs(s, c0, ks, ns, d, p.softmax_scale, {kr.p + s0 * kr.ld, kr.ld},
+                             {vr.p + s0 * vr.ld, vr.ld}, w);
       score_grad_cols(w.pt.data() + c0, w.dpt.data() + c0, ns, s.ld, cols, w.delta.data() + c0);
       float* dk = dkv + static_cast<int64_t>(ks) * 2 * d;
       float* pt = w.pt.data() + c0;
-      float* dst = w.dpt.data() + c0;
+      float* ds = w.dpt.data() + c0;  // dS^T
       // dV += P^T dout: P^T's rows as bfloat16 words, over lane pairs.
       round_rows_in_place(pt, ns, s.ld, cols);
       gemm_ops(ns, d, lane_pairs, PairOperands{pt, s.ld, 1, s.dout.p + (c0 / 2) * s.dout.ld, s.dout.ld}, dk + d,
                2 * d, CMode::kAdd);
       // dS's key pairs into w.pt (P^T is used up) for dQ, then dS^T's rows as words for dK += dS^T q.
-      key_pairs(dst, ns, s.ld, cols, pt);
-      round_rows_in_place(dst, ns, s.ld, cols);
-      gemm_ops(ns, d, lane_pairs, PairOperands{dst, s.ld, 1, s.q.p + (c0 / 2) * s.q.ld, s.q.ld}, dk, 2 * d,
+      key_pairs(ds, ns, s.ld, cols, pt);
+      round_rows_in_place(ds, ns, s.ld, cols);
+      gemm_ops(ns, d, lane_pairs, PairOperands{ds, s.ld, 1, s.q.p + (c0 / 2) * s.q.ld, s.q.ld}, dk, 2 * d,
                CMode::kAdd);
       // dQ += dS K on rows [c0, m).
       float* dq = w.dq.data();
       const CMode mode = dq_rows.before_product(c0, d, dq, CMode::kAdd);
       gemm_ops(m - c0, d, (ns + 1) / 2,
-               PairOperands{pt, 1, s.ld, kt.k_pairs.p + (s0 / 2) * kt.k_pairs.ld, kt.k_pairs.ld},
+               PairOperands{pt, 1, s.ld, kp.p + (s0 / 2) * kp.ld, kp.ld},
                dq + static_cast<int64_t>(c0) * d, d, mode);
     }
   }
-  dq_rows.zero_unwritten(m, d, w.dq.data());
-  std::fill(w.row_scale.begin(), w.row_scale.end(), p.softmax_scale);
-  store_rows(w.dq.data(), d, m, d, w.row_scale.data(),
-             strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
+  store_dq<T>(p, h, q0, m, dq_rows, w);
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS
