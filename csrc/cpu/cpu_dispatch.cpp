@@ -45,7 +45,9 @@ const IsaKernels* choose() {
   // ATen's capability ("DEFAULT", "AVX2", "AVX512" on x86) already folds in the CPU and ATEN_CPU_CAPABILITY;
   // the CPU test also covers F16C, which ATen's AVX2 level does not name.
   const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512" && cpu_has_fast_avx512_bf16() && avx512_bf16::kernels() != nullptr) return avx512_bf16::kernels();
+  if (cap == "AVX512" && cpu_has_fast_avx512_bf16() && avx512_bf16::kernels() != nullptr) {
+    return avx512_bf16::kernels();
+  }
   if (cap == "AVX512" && cpu_has_avx512() && avx512::kernels() != nullptr) return avx512::kernels();
   if ((cap == "AVX512" || cap == "AVX2") && cpu_has_avx2() && avx2::kernels() != nullptr) return avx2::kernels();
   return generic::kernels();

@@ -3,7 +3,8 @@
 //   ISM_ISA_NS      the build's namespace under ism::cpu (avx512_bf16, avx512, avx2, generic)
 //   ISM_ISA_SIMD    its vector type's header (simd_*.h)
 //   ISM_ISA_TARGET  the compiler's target string for the build (absent for the baseline)
-//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) the bfloat16 forward on the CPU's dot product (attend_pairs.h)
+//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) bfloat16 prefill on the CPU's dot product (attend_pairs.h,
+//                   segment_attn_bwd_pairs.h)
 // Everything below is compiled for that target (GCC: push_options/target; Clang: an attribute on every function).
 #if !defined(ISM_ISA_NS) || !defined(ISM_ISA_SIMD)
 #error "define ISM_ISA_NS and ISM_ISA_SIMD first (see kernels_avx2.cpp)"

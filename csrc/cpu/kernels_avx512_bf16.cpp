@@ -1,9 +1,11 @@
 // The CPU kernels for x86-64-v4 with AVX512_BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4 and later): the
-// AVX-512 build plus the bfloat16 dot product, which the forward of bfloat16 inputs runs on (attend_pairs.h;
-// see isa_kernels.h).
+// AVX-512 build plus the bfloat16 dot product, which bfloat16 prefill runs on (attend_pairs.h,
+// segment_attn_bwd_pairs.h). cpu_dispatch.cpp chooses it on AMD's CPUs only; see isa_kernels.h.
 #include "isa_prelude.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// AVX512_BF16's intrinsics came with GCC 10 and Clang 9; an older compiler leaves this level out.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
+                            (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
 // GCC 12's own _mm512_max_ps (and friends) pass _mm512_undefined_ps() as the unused merge source, which trips
 // -Wmaybe-uninitialized in every caller.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
