@@ -17,41 +17,15 @@
 namespace ism::cpu::ISM_ISA_NS {
 
 // A and B of a product on bfloat16 pairs: A(i, p) is the word at a + i * a_rs + p * a_cs (bfloat16 2p and
-// 2p + 1 of a k index pair), B row p at b + p * ldb, one word per column. Words sit in float slots and are
-// read only as bits.
-struct PairOperands {
-  const float* a;
-  int64_t a_rs, a_cs;
-  const float* b;
-  int64_t ldb;
-
-  PairOperands at(int row, int col) const { return {a + row * a_rs, a_rs, a_cs, b + col, ldb}; }
-
-  // acc[i][v] += sum over p < k pairs of A(i, p) . B(p, v * W ..), MR x NV in registers.
-  template <int MR, int NV, bool kTail>
-  __attribute__((always_inline)) void accumulate(int k, typename Vec::V (&acc)[MR][NV], int tail) const {
-    using V = typename Vec::V;
-    constexpr int W = Vec::W;
-    const float* a_rows[MR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) a_rows[i] = a + i * a_rs;
-    for (int p = 0; p < k; ++p) {
-      V bp[NV];
-      const float* bk = b + p * ldb;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
-      }
-      const int64_t ap = p * a_cs;
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const V ai = Vec::broadcast_pair(a_rows[i] + ap);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::dot_pairs(acc[i][v], ai, bp[v]);
-      }
-    }
+// 2p + 1 of a k index pair), B row p at b + p * ldb, one word per column. Words sit in float slots and are read
+// only as bits; each k step is one pair, two products a lane (VDPBF16PS).
+struct PairMadd {
+  static typename Vec::V broadcast(const float* p) { return Vec::broadcast_pair(p); }
+  static typename Vec::V madd(typename Vec::V acc, typename Vec::V a, typename Vec::V b) {
+    return Vec::dot_pairs(acc, a, b);
   }
 };
+using PairOperands = StridedOperands<PairMadd>;
 
 // The word of bfloat16 lo (low half) and hi.
 inline uint32_t pair_word(c10::BFloat16 lo, c10::BFloat16 hi) {
@@ -180,13 +154,7 @@ void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int ma
                              const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
   const int m_pad = pad_lanes(m), ld = padded_ld(m_pad), words = d / 2, v_ld = padded_ld(d);
   pack_pairs_transposed(q, m, d, w.qt.data(), ld);
-  int min_limit = max_limit;
-  for (int r = 0; r < m_pad; ++r) {
-    w.limit[r] = r < m ? limit[r] : 0;
-    if (r < m) min_limit = std::min(min_limit, limit[r]);
-    w.row_max[r] = -std::numeric_limits<float>::infinity();
-    w.row_sum[r] = 0.f;
-  }
+  const int min_limit = start_lanes(limit, m, max_limit, w);
   AccRows acc_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {

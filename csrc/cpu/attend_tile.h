@@ -71,6 +71,19 @@ inline int first_lanes_seeing(const int32_t* limit, int m, int key) {
   return first == m ? m : first / Vec::W * Vec::W;
 }
 
+// The softmax state of a query tile's lanes before its first key tile, and their limits (0 on padding lanes, which
+// see nothing); returns the smallest limit of the m rows (max_limit if it is larger).
+inline int start_lanes(const int32_t* limit, int m, int max_limit, FwdScratch& w) {
+  int min_limit = max_limit;
+  for (int r = 0; r < pad_lanes(m); ++r) {
+    w.limit[r] = r < m ? limit[r] : 0;
+    if (r < m) min_limit = std::min(min_limit, limit[r]);
+    w.row_max[r] = -std::numeric_limits<float>::infinity();
+    w.row_sum[r] = 0.f;
+  }
+  return min_limit;
+}
+
 #if defined(ISM_ISA_NATIVE_BF16)
 // The same loop on bfloat16 pairs (attend_pairs.h, included after this file by the avx512_bf16 build).
 template <typename QRows, typename KRows, typename VRows, typename ORows>
@@ -92,13 +105,7 @@ void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limi
   const int m_pad = pad_lanes(m), ld = padded_ld(m_pad);  // q^T and S^T: m_pad live lanes in rows of ld
   // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
   pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), ld);
-  int min_limit = max_limit;
-  for (int r = 0; r < m_pad; ++r) {
-    w.limit[r] = r < m ? limit[r] : 0;
-    if (r < m) min_limit = std::min(min_limit, limit[r]);
-    w.row_max[r] = -std::numeric_limits<float>::infinity();
-    w.row_sum[r] = 0.f;
-  }
+  const int min_limit = start_lanes(limit, m, max_limit, w);
   AccRows acc_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {

@@ -27,16 +27,18 @@ struct NoEpilogue {
   void block(int, int, V (&)[MR][NV]) const {}
 };
 
-// The A and B of a float32 product: A(i, p) = a[i * a_rs + p * a_cs], B row p at b + p * ldb. An operand type
-// says how a register block's k loop reads them (accumulate) and where a block of rows and columns starts (at);
-// the loops below are written once over it (the bfloat16 pairs of attend_pairs.h are the other operand type).
-struct FloatOperands {
+// The A and B of a product: A(i, p) at a + i * a_rs + p * a_cs, B row p at b + p * ldb. An operand type says how a
+// register block's k loop reads them (accumulate) and where a block of rows and columns starts (at); the loops
+// below are written once over it. `Madd` says what one k step multiplies: Vec::fma of a broadcast float here
+// (FloatOperands), the bfloat16 pair dot product in attend_pairs.h.
+template <typename Madd>
+struct StridedOperands {
   const float* a;
   int64_t a_rs, a_cs;
   const float* b;
   int64_t ldb;
 
-  FloatOperands at(int row, int col) const { return {a + row * a_rs, a_rs, a_cs, b + col, ldb}; }
+  StridedOperands at(int row, int col) const { return {a + row * a_rs, a_rs, a_cs, b + col, ldb}; }
 
   // acc[i][v] += sum over p < k of A(i, p) * B(p, v * W ..): the micro-kernel's inner loop, MR x NV in registers.
   template <int MR, int NV, bool kTail>
@@ -56,13 +58,20 @@ struct FloatOperands {
       const int64_t ap = p * a_cs;
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
-        const V ai = Vec::set1(a_rows[i][ap]);
+        const V ai = Madd::broadcast(a_rows[i] + ap);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bp[v], acc[i][v]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = Madd::madd(acc[i][v], ai, bp[v]);
       }
     }
   }
 };
+
+// float32 operands: acc += a * b, one FMA per element of A.
+struct FloatMadd {
+  static typename Vec::V broadcast(const float* p) { return Vec::set1(*p); }
+  static typename Vec::V madd(typename Vec::V acc, typename Vec::V a, typename Vec::V b) { return Vec::fma(a, b, acc); }
+};
+using FloatOperands = StridedOperands<FloatMadd>;
 
 // One register block: rows [0, MR) of C, NV vectors of columns. With kTail the last vector holds only
 // `tail` (< W) valid columns.

@@ -52,15 +52,21 @@ inline void load_lane_state(const SegmentAttnBwdParams& p, const float* delta, i
   }
 }
 
+// The q and dout rows of query head h from row q0, and the shape of that query tile's side (rows filled in later).
+template <typename T>
+std::tuple<StridedRows<const T>, StridedRows<const T>, QuerySide> query_rows(const SegmentAttnBwdParams& p, int h,
+                                                                             int q0, int m, int max_limit) {
+  return {strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride),
+          strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride,
+                       p.dout_row_stride),
+          QuerySide{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}}};
+}
+
 template <typename T>
 QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
                           BwdScratch& w) {
   const int d = p.head_dim;
-  QuerySide s{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}};
-  const auto q_rows =
-      strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
-  const auto do_rows =
-      strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride);
+  auto [q_rows, do_rows, s] = query_rows<T>(p, h, q0, m, max_limit);
   pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.ld);
   pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.ld);
   s.q = copy_rows(q_rows, 0, m, d, w.q.data(), padded_ld(d));

@@ -18,13 +18,8 @@ namespace ism::cpu::ISM_ISA_NS {
 // S^T product applies it (ScaleThen).
 inline QuerySide load_query_side_pairs(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m,
                                        int max_limit, BwdScratch& w) {
-  using T = c10::BFloat16;
   const int d = p.head_dim;
-  QuerySide s{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}};
-  const auto q_rows =
-      strided_rows(static_cast<const T*>(p.q) + q0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride);
-  const auto do_rows =
-      strided_rows(static_cast<const T*>(p.dout) + q0 * p.dout_row_stride + h * p.dout_head_stride, p.dout_row_stride);
+  auto [q_rows, do_rows, s] = query_rows<c10::BFloat16>(p, h, q0, m, max_limit);
   pack_pairs_transposed(q_rows, m, d, w.qt.data(), s.ld);
   pack_pairs_transposed(do_rows, m, d, w.dot.data(), s.ld);
   s.q = stage_pairs(q_rows, 0, m, d, w.q.data(), padded_ld(d));
