@@ -150,6 +150,9 @@ DECODE_ROW_CASES = [
     (torch.float32, 32, 16, 1, 0, [129, 300], "causal"),
     (torch.bfloat16, 128, 4, 1, 16, [300, 128], "segment"),
     (torch.bfloat16, 40, 1, 2, 80, [77, 200], "random"),
+    # bfloat16 on the dot product where the CPU has it: a head dim with a tail of words, and an odd one (float32 path)
+    (torch.bfloat16, 72, 2, 3, 0, [200, 1, 128], "causal"),
+    (torch.bfloat16, 33, 3, 1, 16, [100, 47], "segment"),
     (torch.float16, 64, 3, 1, 0, [129, 1000], "segment"),
     (torch.float16, 136, 7, 2, 48, [96, 300], "causal"),
 ]

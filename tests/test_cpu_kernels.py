@@ -98,14 +98,15 @@ def test_nan_in_the_cache_op():
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 0, [0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [1, 2, 8])
-def test_nan_key_reaches_only_the_rows_that_see_it(group):
+def test_nan_key_reaches_only_the_rows_that_see_it(group, dtype):
     """A NaN in a new key of K/V head 0 at position len + 1: the second new row of that head's queries sees it and
     is NaN; the first row (kv_limit len + 1) and the other head's rows stay finite, in the decode paths."""
     hkv, d, lens = 2, 32, torch.tensor([130], dtype=torch.int32)
-    q = torch.randn(1, 2, group * hkv, d)
-    k_cache, v_cache = torch.randn(1, 200, hkv, d), torch.randn(1, 200, hkv, d)
-    k_new, v_new = torch.randn(1, 2, hkv, d), torch.randn(1, 2, hkv, d)
+    q = torch.randn(1, 2, group * hkv, d, dtype=dtype)
+    k_cache, v_cache = torch.randn(1, 200, hkv, d, dtype=dtype), torch.randn(1, 200, hkv, d, dtype=dtype)
+    k_new, v_new = torch.randn(1, 2, hkv, d, dtype=dtype), torch.randn(1, 2, hkv, d, dtype=dtype)
     k_new[0, 1, 0, 3] = float("nan")
     limit = lens[:, None] + torch.tensor([[1, 2]], dtype=torch.int32)
     out, lse = ism_ext.attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lens, kv_limit=limit,

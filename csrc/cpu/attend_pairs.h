@@ -1,7 +1,7 @@
-// The forward of bfloat16 inputs on the AVX512_BF16 dot product (VDPBF16PS): attend_query_tile's loop with
-// both products on bfloat16 pairs, twice the multiply-adds per instruction of float32 FMAs. Only the
-// avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16); attend_tile.h sends
-// bfloat16 rows of an even head dim here.
+// The forward of bfloat16 inputs on the AVX512_BF16 dot product (VDPBF16PS): attend_query_tile's and
+// attend_few_rows's loops with both products on bfloat16 pairs, twice the multiply-adds per instruction of
+// float32 FMAs. Only the avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16);
+// attend_tile.h and attend_rows.h send bfloat16 rows of an even head dim here.
 //
 // VDPBF16PS adds a.lo * b.lo + a.hi * b.hi into a float32 lane, where a and b are 32-bit words of two bfloat16
 // each: the pairs run along k, the reduced dimension. So
@@ -182,6 +182,44 @@ void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int ma
     }
   }
   acc_rows.zero_unwritten(m, d, w.acc.data());
+  finish_rows(m, d, out, lse, w);
+}
+
+// attend_few_rows (attend_rows.h) for bfloat16 rows of even head dim d: the scores of each row against W keys at a
+// time on pairs along the head dim (K read in place, the softmax scale applied to the sums), P rounded to
+// bfloat16 along its row (key pairs), V staged as key pairs.
+template <typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
+                           const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+  constexpr int W = Vec::W;
+  const int words = d / 2;
+  float* qw = w.qt.data();  // m rows of d / 2 words
+  for (int r = 0; r < m; ++r) std::memcpy(qw + static_cast<int64_t>(r) * words, q(r), sizeof(c10::BFloat16) * d);
+  for (int r = 0; r < m; ++r) {
+    w.row_max[r] = -std::numeric_limits<float>::infinity();
+    w.row_sum[r] = 0.f;
+  }
+  float* s = w.st.data();  // m rows of kTileK scores, then probabilities, then their bfloat16 pairs
+  const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int k0 = t * kTileK;
+    const int n = std::min(kTileK, max_limit - k0);
+    for (int j = 0; j < n;) {  // run by run of evenly spaced keys (a paged cache breaks at page ends)
+      const int len = k.run(k0 + j, n - j);
+      const FloatTile kr = stage_pair_rows(k, k0 + j, len, d, w.k.data() + static_cast<int64_t>(j) * words);
+      dot_rows<PairMadd>(qw, m, words, kr.p, kr.ld, len, softmax_scale * kLog2e, s + j, kTileK);
+      j += len;
+    }
+    const FloatTile vp = stage_pairs(v, k0, n, d, w.v.data(), padded_ld(d));
+    for (int r = 0; r < m; ++r) {
+      const int visible = std::min(limit[r] - k0, n);
+      w.alpha[r] = softmax_update_row(s + r * kTileK, n, visible, &w.row_max[r], &w.row_sum[r]);
+    }
+    round_rows_in_place(s, m, kTileK, (n + W - 1) / W * W);  // the probabilities up to n_pad (0 past n)
+    probs_times_values(m, d, (n + 1) / 2, PairOperands{s, kTileK, 1, vp.p, vp.ld}, w.acc.data(),
+                       t == 0 ? CMode::kSet : CMode::kScaleAdd, w.alpha.data());
+  }
+  if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
   finish_rows(m, d, out, lse, w);
 }
 

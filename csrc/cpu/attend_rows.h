@@ -15,45 +15,50 @@ namespace ism::cpu::ISM_ISA_NS {
 // at 8; AVX-512: even at 10-12 rows, the transposed tile 5-10% faster at 16).
 constexpr int kRowPathMaxRows = 3 * Vec::W / 4;
 
-// Scores of the m rows q (ld d) against `keys` (<= W) rows k (ld ldk), into s[r * lds + i]. A short block
-// repeats its last key in the idle lanes and stores only `keys` of them.
-template <bool kFull>
-inline void dot_block(const float* q, int m, int d, const float* k, int64_t ldk, int keys, float* s, int64_t lds) {
+// Scores of the m rows q (ld n_el) against `keys` (<= W) rows k (ld ldk), times out_scale, into s[r * lds + i].
+// A row holds n_el elements of the operand type (micro_gemm.h): floats with FloatMadd, bfloat16 pairs with
+// PairMadd. A short block repeats its last key in the idle lanes and stores only `keys` of them.
+template <bool kFull, typename Madd>
+inline void dot_block(const float* q, int m, int n_el, const float* k, int64_t ldk, int keys, float out_scale, float* s,
+                      int64_t lds) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
-  const int body = d / W * W, tail = d - body;
+  const int body = n_el / W * W, tail = n_el - body;
   const float* row[W];
   for (int i = 0; i < W; ++i) row[i] = k + (kFull ? i : std::min(i, keys - 1)) * ldk;
+  const V scale = Vec::set1(out_scale);
   for (int r = 0; r < m; ++r) {
-    const float* qr = q + static_cast<int64_t>(r) * d;
+    const float* qr = q + static_cast<int64_t>(r) * n_el;
     V acc[W];
 #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) acc[i] = Vec::zero();
     for (int c = 0; c < body; c += W) {
       const V qc = Vec::load(qr + c);
 #pragma GCC unroll 16
-      for (int i = 0; i < W; ++i) acc[i] = Vec::fma(Vec::load(row[i] + c), qc, acc[i]);
+      for (int i = 0; i < W; ++i) acc[i] = Madd::madd(acc[i], Vec::load(row[i] + c), qc);
     }
     if (tail > 0) {
       const V qc = Vec::load_part(qr + body, tail);
 #pragma GCC unroll 16
-      for (int i = 0; i < W; ++i) acc[i] = Vec::fma(Vec::load_part(row[i] + body, tail), qc, acc[i]);
+      for (int i = 0; i < W; ++i) acc[i] = Madd::madd(acc[i], Vec::load_part(row[i] + body, tail), qc);
     }
     if (kFull) {
-      Vec::store(s + r * lds, Vec::sum_each(acc));
+      Vec::store(s + r * lds, Vec::mul(Vec::sum_each(acc), scale));
     } else {
-      Vec::store_part(s + r * lds, Vec::sum_each(acc), keys);
+      Vec::store_part(s + r * lds, Vec::mul(Vec::sum_each(acc), scale), keys);
     }
   }
 }
 
-// s[r * lds + j] = <q row r, k row j> for r < m, j < n: block by block of W keys, so a block stays in L1
-// while every row reads it.
-inline void dot_rows(const float* q, int m, int d, const float* k, int64_t ldk, int n, float* s, int64_t lds) {
+// s[r * lds + j] = out_scale * <q row r, k row j> for r < m, j < n: block by block of W keys, so a block stays
+// in L1 while every row reads it.
+template <typename Madd>
+inline void dot_rows(const float* q, int m, int n_el, const float* k, int64_t ldk, int n, float out_scale, float* s,
+                     int64_t lds) {
   constexpr int W = Vec::W;
   int j = 0;
-  for (; j + W <= n; j += W) dot_block<true>(q, m, d, k + j * ldk, ldk, W, s + j, lds);
-  if (j < n) dot_block<false>(q, m, d, k + j * ldk, ldk, n - j, s + j, lds);
+  for (; j + W <= n; j += W) dot_block<true, Madd>(q, m, n_el, k + j * ldk, ldk, W, out_scale, s + j, lds);
+  if (j < n) dot_block<false, Madd>(q, m, n_el, k + j * ldk, ldk, n - j, out_scale, s + j, lds);
 }
 
 // One key tile's step of the online softmax for one row of scores s[0, n) (log2 domain), keys from `visible`
@@ -100,15 +105,15 @@ constexpr int pv_vectors() {
   return std::max(Vec::kNV, std::min(Vec::kFewRowsMaxNV, (Vec::kRegs - 1) / (M + 1)));
 }
 
-// acc[m x d] (mode) P[m x n] V[n x d], P rows at stride kTileK.
-inline void probs_times_values(int m, int d, int n, const float* p, const FloatTile& v, float* acc, CMode mode,
-                               const float* alpha) {
+// acc[m x d] (mode) P[m x k] V[k x d] with P and V as `pv` (float32: P rows at stride kTileK, V rows; k steps).
+template <typename Ops>
+inline void probs_times_values(int m, int d, int k, const Ops& pv, float* acc, CMode mode, const float* alpha) {
   switch (m) {
-    case 1: gemm<pv_vectors<1>()>(m, d, n, p, kTileK, 1, v.p, v.ld, acc, d, mode, alpha); break;
-    case 2: gemm<pv_vectors<2>()>(m, d, n, p, kTileK, 1, v.p, v.ld, acc, d, mode, alpha); break;
-    case 3: gemm<pv_vectors<3>()>(m, d, n, p, kTileK, 1, v.p, v.ld, acc, d, mode, alpha); break;
-    case 4: gemm<pv_vectors<4>()>(m, d, n, p, kTileK, 1, v.p, v.ld, acc, d, mode, alpha); break;
-    default: gemm(m, d, n, p, kTileK, 1, v.p, v.ld, acc, d, mode, alpha); break;
+    case 1: gemm_ops<pv_vectors<1>()>(m, d, k, pv, acc, d, mode, alpha); break;
+    case 2: gemm_ops<pv_vectors<2>()>(m, d, k, pv, acc, d, mode, alpha); break;
+    case 3: gemm_ops<pv_vectors<3>()>(m, d, k, pv, acc, d, mode, alpha); break;
+    case 4: gemm_ops<pv_vectors<4>()>(m, d, k, pv, acc, d, mode, alpha); break;
+    default: gemm_ops(m, d, k, pv, acc, d, mode, alpha); break;
   }
 }
 
@@ -136,10 +141,22 @@ void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch
   }
 }
 
+#if defined(ISM_ISA_NATIVE_BF16)
+// The same on bfloat16 pairs (attend_pairs.h, included after this file by the avx512_bf16 build).
+template <typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
+                           const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w);
+#endif
+
 // attend_query_tile's contract (attend_tile.h) for m <= kRowPathMaxRows rows.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                      int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
+    if (d % 2 == 0) return attend_few_rows_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  }
+#endif
   float* qs = w.qt.data();  // m rows of d, scaled into the log2 domain once
   for (int r = 0; r < m; ++r) convert_row(q(r), d, softmax_scale * kLog2e, qs + static_cast<int64_t>(r) * d);
   for (int r = 0; r < m; ++r) {
@@ -154,7 +171,7 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
     stage_runs(k, v, k0, n, d, w, runs);
     for (int i = 0; i < runs.count; ++i) {
-      dot_rows(qs, m, d, runs.k[i].p, runs.k[i].ld, runs.len[i], s + runs.start[i], kTileK);
+      dot_rows<FloatMadd>(qs, m, d, runs.k[i].p, runs.k[i].ld, runs.len[i], 1.f, s + runs.start[i], kTileK);
     }
     for (int r = 0; r < m; ++r) {
       const int visible = std::min(limit[r] - k0, n);
@@ -162,7 +179,8 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
     }
     for (int i = 0; i < runs.count; ++i) {  // acc = diag(alpha) acc + P V, run by run; the first tile overwrites
       const CMode mode = i > 0 ? CMode::kAdd : t == 0 ? CMode::kSet : CMode::kScaleAdd;
-      probs_times_values(m, d, runs.len[i], s + runs.start[i], runs.v[i], w.acc.data(), mode, w.alpha.data());
+      const FloatOperands pv{s + runs.start[i], kTileK, 1, runs.v[i].p, runs.v[i].ld};
+      probs_times_values(m, d, runs.len[i], pv, w.acc.data(), mode, w.alpha.data());
     }
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);

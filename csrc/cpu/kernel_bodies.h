@@ -27,10 +27,10 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #include "tile_stage.h"
 #include "softmax_cols.h"
 #include "attend_tile.h"
+#include "attend_rows.h"
 #if defined(ISM_ISA_NATIVE_BF16)
 #include "attend_pairs.h"
 #endif
-#include "attend_rows.h"
 #include "segment_attn_fwd.h"
 #include "segment_attn_bwd.h"
 #if defined(ISM_ISA_NATIVE_BF16)
