@@ -3,7 +3,7 @@
 //   ISM_ISA_NS      the build's namespace under ism::cpu (avx512_bf16, avx512, avx2, generic)
 //   ISM_ISA_SIMD    its vector type's header (simd_*.h)
 //   ISM_ISA_TARGET  the compiler's target string for the build (absent for the baseline)
-//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) bfloat16 prefill on the CPU's dot product (attend_pairs.h,
+//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) bfloat16 attention on the CPU's dot product (attend_pairs.h,
 //                   segment_attn_bwd_pairs.h)
 // Everything below is compiled for that target (GCC: push_options/target; Clang: an attribute on every function).
 #if !defined(ISM_ISA_NS) || !defined(ISM_ISA_SIMD)
