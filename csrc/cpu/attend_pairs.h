@@ -1,7 +1,8 @@
-// The forward of bfloat16 inputs on the AVX512_BF16 dot product (VDPBF16PS): attend_query_tile's and
-// attend_few_rows's loops with both products on bfloat16 pairs, twice the multiply-adds per instruction of
-// float32 FMAs. Only the avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16);
-// attend_tile.h and attend_rows.h send bfloat16 rows of an even head dim here.
+// bfloat16 on the AVX512_BF16 dot product (VDPBF16PS): the pair operands and the staging of rows as pairs, and
+// the forward on them (attend_query_tile's and attend_few_rows's loops with both products on bfloat16 pairs,
+// twice the multiply-adds per instruction of float32 FMAs; segment_attn_bwd_pairs.h is the backward). Only the
+// avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16); attend_tile.h and
+// attend_rows.h send bfloat16 rows of an even head dim here.
 //
 // VDPBF16PS adds a.lo * b.lo + a.hi * b.hi into a float32 lane, where a and b are 32-bit words of two bfloat16
 // each: the pairs run along k, the reduced dimension. So

@@ -94,8 +94,6 @@ std::pair<StridedRows<const T>, StridedRows<const T>> kv_rows(const SegmentAttnB
           strided_rows(static_cast<const T*>(p.v) + k_begin * p.v_row_stride + h_kv * p.v_head_stride, p.v_row_stride)};
 }
 
-// One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
-// (float32 [len_k, 2, d]: dK row then dV row of each key).
 // dq of a query tile: softmax_scale times the accumulated rows (0 for rows that saw no key), into the gradient.
 template <typename T>
 void store_dq(const SegmentAttnBwdParams& p, int h, int q0, int m, const AccRows& dq_rows, BwdScratch& w) {
@@ -115,6 +113,8 @@ inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, in
                                       float* delta, BwdScratch& w);
 #endif
 
+// One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
+// (float32 [len_k, 2, d]: dK row then dV row of each key).
 template <typename T>
 void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
                     float* dkv, BwdScratch& w) {
