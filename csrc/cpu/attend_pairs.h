@@ -59,16 +59,26 @@ void pack_pairs_transposed(const Rows& rows, int m, int d, float* dst, int64_t l
 }
 
 // Rows [r0, r0 + n) as key pairs: word row p holds rows 2p and 2p + 1 (the last one zero when n is odd), column
-// by column, at leading dimension ld (words). The B panel of P V.
+// by column, at leading dimension ld (words). The B panel of P V (and of the backward's products over lanes).
+// n <= kTileK. The row addresses are taken run by run (one accessor call a run: a paged cache's page lookup
+// divides), since with a small head dim the lookups cost as much as the interleave.
 template <typename Rows>
 FloatTile stage_pairs(const Rows& rows, int64_t r0, int n, int d, float* buf, int64_t ld) {
   constexpr int W = Vec::W;
+  static_assert(kTileQ <= kTileK, "stage_pairs also stages query tiles");
+  const c10::BFloat16* row[kTileK];
+  for (int j = 0; j < n;) {
+    const int len = rows.run(r0 + j, n - j);
+    const c10::BFloat16* first = rows(r0 + j);
+    for (int i = 0; i < len; ++i) row[j + i] = first + i * rows.run_stride();
+    j += len;
+  }
   const int d_full = d / W * W;
   for (int p = 0; 2 * p < n; ++p) {
-    const c10::BFloat16* lo = rows(r0 + 2 * p);
+    const c10::BFloat16* lo = row[2 * p];
     float* out = buf + p * ld;
     if (2 * p + 1 < n) {
-      const c10::BFloat16* hi = rows(r0 + 2 * p + 1);
+      const c10::BFloat16* hi = row[2 * p + 1];
       for (int c = 0; c < d_full; c += W) Vec::store(out + c, Vec::interleave_pairs(lo + c, hi + c));
       for (int c = d_full; c < d; ++c) store_word(out + c, pair_word(lo[c], hi[c]));
     } else {
