@@ -21,6 +21,9 @@ namespace ism::cpu::ISM_ISA_NS {
 // 2p + 1 of a k index pair), B row p at b + p * ldb, one word per column. Words sit in float slots and are read
 // only as bits; each k step is one pair, two products a lane (VDPBF16PS).
 struct PairMadd {
+  using BElem = float;
+  static typename Vec::V load_b(const float* p) { return Vec::load(p); }
+  static typename Vec::V load_b_part(const float* p, int n) { return Vec::load_part(p, n); }
   static typename Vec::V broadcast(const float* p) { return Vec::broadcast_pair(p); }
   static typename Vec::V madd(typename Vec::V acc, typename Vec::V a, typename Vec::V b) {
     return Vec::dot_pairs(acc, a, b);
@@ -221,14 +224,24 @@ void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_
       dot_rows<PairMadd>(qw, m, words, kr.p, kr.ld, len, softmax_scale * kLog2e, s + j, kTileK);
       j += len;
     }
-    const FloatTile vp = stage_pairs(v, k0, n, d, w.v.data(), padded_ld(d));
     for (int r = 0; r < m; ++r) {
       const int visible = std::min(limit[r] - k0, n);
       w.alpha[r] = softmax_update_row(s + r * kTileK, n, visible, &w.row_max[r], &w.row_sum[r]);
     }
-    round_rows_in_place(s, m, kTileK, (n + W - 1) / W * W);  // the probabilities up to n_pad (0 past n)
-    probs_times_values(m, d, (n + 1) / 2, PairOperands{s, kTileK, 1, vp.p, vp.ld}, w.acc.data(),
-                       t == 0 ? CMode::kSet : CMode::kScaleAdd, w.alpha.data());
+    const CMode first = t == 0 ? CMode::kSet : CMode::kScaleAdd;
+    if (convert_values_in_registers<VRows>(d)) {  // P stays float32, V is converted in registers, run by run
+      for (int j = 0; j < n;) {
+        const int len = v.run(k0 + j, n - j);
+        probs_times_value_run(m, d, len, s + j, v, k0 + j, FloatTile{}, w.acc.data(), j == 0 ? first : CMode::kAdd,
+                              w.alpha.data());
+        j += len;
+      }
+    } else {
+      const FloatTile vp = stage_pairs(v, k0, n, d, w.v.data(), padded_ld(d));
+      round_rows_in_place(s, m, kTileK, (n + W - 1) / W * W);  // the probabilities up to n_pad (0 past n)
+      probs_times_values(m, d, (n + 1) / 2, PairOperands{s, kTileK, 1, vp.p, vp.ld}, w.acc.data(), first,
+                         w.alpha.data());
+    }
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
   finish_rows(m, d, out, lse, w);

@@ -117,8 +117,15 @@ inline void probs_times_values(int m, int d, int k, const Ops& pv, float* acc, C
   }
 }
 
-// Runs of evenly spaced rows of one key tile (a paged cache breaks at page ends), staged once: in place for
-// float32 rows, converted into the scratch tiles otherwise.
+// Whether P V reads half-precision V rows where they lie, converted in registers (ConvertBMadd), rather than a
+// float32 copy: for a few rows the copy costs about as much as the product. Needs whole vectors of d.
+template <typename VRows>
+bool convert_values_in_registers(int d) {
+  return !std::is_same_v<row_element_t<VRows>, float> && d % Vec::W == 0;
+}
+
+// Runs of evenly spaced rows of one key tile (a paged cache breaks at page ends), staged once: K in place for
+// float32 rows, converted into the scratch tiles otherwise; V likewise unless P V converts it in registers.
 struct KeyRuns {
   int count = 0;
   int start[kTileK];
@@ -128,6 +135,7 @@ struct KeyRuns {
 
 template <typename KRows, typename VRows>
 void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch& w, KeyRuns& runs) {
+  const bool stage_v = !convert_values_in_registers<VRows>(d);
   runs.count = 0;
   for (int j = 0; j < n;) {
     const int len = std::min(k.run(k0 + j, n - j), v.run(k0 + j, n - j));
@@ -135,10 +143,25 @@ void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch
     runs.start[runs.count] = j;
     runs.len[runs.count] = len;
     runs.k[runs.count] = stage_rows(k, k0 + j, len, d, w.k.data() + at);
-    runs.v[runs.count] = stage_rows(v, k0 + j, len, d, w.v.data() + at);
+    if (stage_v) runs.v[runs.count] = stage_rows(v, k0 + j, len, d, w.v.data() + at);
     ++runs.count;
     j += len;
   }
+}
+
+// acc (mode) P V for `len` keys from key k0 + j of the tile, P rows at s + j (stride kTileK): V staged as float32
+// (vt), or read where it lies and converted in registers.
+template <typename VRows>
+void probs_times_value_run(int m, int d, int len, const float* p, const VRows& v, int64_t key, const FloatTile& vt,
+                           float* acc, CMode mode, const float* alpha) {
+  using T = row_element_t<VRows>;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (convert_values_in_registers<VRows>(d)) {
+      const StridedOperands<ConvertBMadd<T>> pv{p, kTileK, 1, v(key), v.run_stride()};
+      return probs_times_values(m, d, len, pv, acc, mode, alpha);
+    }
+  }
+  probs_times_values(m, d, len, FloatOperands{p, kTileK, 1, vt.p, vt.ld}, acc, mode, alpha);
 }
 
 #if defined(ISM_ISA_NATIVE_BF16)
@@ -179,8 +202,8 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
     }
     for (int i = 0; i < runs.count; ++i) {  // acc = diag(alpha) acc + P V, run by run; the first tile overwrites
       const CMode mode = i > 0 ? CMode::kAdd : t == 0 ? CMode::kSet : CMode::kScaleAdd;
-      const FloatOperands pv{s + runs.start[i], kTileK, 1, runs.v[i].p, runs.v[i].ld};
-      probs_times_values(m, d, runs.len[i], pv, w.acc.data(), mode, w.alpha.data());
+      probs_times_value_run(m, d, runs.len[i], s + runs.start[i], v, k0 + runs.start[i], runs.v[i], w.acc.data(),
+                            mode, w.alpha.data());
     }
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);

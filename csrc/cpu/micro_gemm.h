@@ -33,9 +33,10 @@ struct NoEpilogue {
 // (FloatOperands), the bfloat16 pair dot product in attend_pairs.h.
 template <typename Madd>
 struct StridedOperands {
+  using BElem = typename Madd::BElem;
   const float* a;
   int64_t a_rs, a_cs;
-  const float* b;
+  const BElem* b;
   int64_t ldb;
 
   StridedOperands at(int row, int col) const { return {a + row * a_rs, a_rs, a_cs, b + col, ldb}; }
@@ -50,10 +51,10 @@ struct StridedOperands {
     for (int i = 0; i < MR; ++i) a_rows[i] = a + i * a_rs;
     for (int p = 0; p < k; ++p) {
       V bp[NV];
-      const float* bk = b + p * ldb;
+      const BElem* bk = b + p * ldb;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        bp[v] = (kTail && v == NV - 1) ? Vec::load_part(bk + v * W, tail) : Vec::load(bk + v * W);
+        bp[v] = (kTail && v == NV - 1) ? Madd::load_b_part(bk + v * W, tail) : Madd::load_b(bk + v * W);
       }
       const int64_t ap = p * a_cs;
 #pragma GCC unroll 16
@@ -68,10 +69,26 @@ struct StridedOperands {
 
 // float32 operands: acc += a * b, one FMA per element of A.
 struct FloatMadd {
+  using BElem = float;
+  static typename Vec::V load_b(const float* p) { return Vec::load(p); }
+  static typename Vec::V load_b_part(const float* p, int n) { return Vec::load_part(p, n); }
   static typename Vec::V broadcast(const float* p) { return Vec::set1(*p); }
   static typename Vec::V madd(typename Vec::V acc, typename Vec::V a, typename Vec::V b) { return Vec::fma(a, b, acc); }
 };
 using FloatOperands = StridedOperands<FloatMadd>;
+
+// float32 A and half-precision B rows converted in registers: the product of a few rows of probabilities with V
+// as it lies in a cache, where staging V as float32 would cost about as much as the product.
+template <typename T>
+struct ConvertBMadd : FloatMadd {
+  using BElem = T;
+  static typename Vec::V load_b(const T* p) { return Vec::load_cvt(p); }
+  static typename Vec::V load_b_part(const T* p, int n) {  // a column tail (callers avoid it: whole vectors of d)
+    float part[Vec::W] = {};
+    for (int i = 0; i < n; ++i) part[i] = static_cast<float>(p[i]);
+    return Vec::load(part);
+  }
+};
 
 // One register block: rows [0, MR) of C, NV vectors of columns. With kTail the last vector holds only
 // `tail` (< W) valid columns.
