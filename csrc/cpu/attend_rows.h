@@ -149,8 +149,8 @@ void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch
   }
 }
 
-// acc (mode) P V for `len` keys from key k0 + j of the tile, P rows at s + j (stride kTileK): V staged as float32
-// (vt), or read where it lies and converted in registers.
+// acc (mode) P V for `len` keys: P rows at p (stride kTileK), V rows key .. key + len - 1 of v (one evenly spaced
+// run), staged as float32 in vt, or read where they lie and converted in registers.
 template <typename VRows>
 void probs_times_value_run(int m, int d, int len, const float* p, const VRows& v, int64_t key, const FloatTile& vt,
                            float* acc, CMode mode, const float* alpha) {
