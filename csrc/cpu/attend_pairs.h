@@ -199,13 +199,12 @@ void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int ma
   finish_rows(m, d, out, lse, w);
 }
 
-// attend_few_rows (attend_rows.h) for bfloat16 rows of even head dim d: the scores of each row against W keys at a
-// time on pairs along the head dim (K read in place, the softmax scale applied to the sums), P rounded to
-// bfloat16 along its row (key pairs), V staged as key pairs.
+// attend_few_rows (attend_rows.h) for bfloat16 rows whose head dim d is whole vectors: the scores of each row
+// against W keys at a time on pairs along the head dim (K read in place, the softmax scale applied to the sums);
+// P V as attend_few_rows does it, P in float32 and V converted in registers.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
                            const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-  constexpr int W = Vec::W;
   const int words = d / 2;
   float* qw = w.qt.data();  // m rows of d / 2 words
   for (int r = 0; r < m; ++r) std::memcpy(qw + static_cast<int64_t>(r) * words, q(r), sizeof(c10::BFloat16) * d);
@@ -213,7 +212,7 @@ void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_
     w.row_max[r] = -std::numeric_limits<float>::infinity();
     w.row_sum[r] = 0.f;
   }
-  float* s = w.st.data();  // m rows of kTileK scores, then probabilities, then their bfloat16 pairs
+  float* s = w.st.data();  // m rows of kTileK scores, then probabilities
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
@@ -228,19 +227,13 @@ void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_
       const int visible = std::min(limit[r] - k0, n);
       w.alpha[r] = softmax_update_row(s + r * kTileK, n, visible, &w.row_max[r], &w.row_sum[r]);
     }
+    // P stays float32 and V is converted in registers, run by run (attend_rows.h: convert_values_in_registers).
     const CMode first = t == 0 ? CMode::kSet : CMode::kScaleAdd;
-    if (convert_values_in_registers<VRows>(d)) {  // P stays float32, V is converted in registers, run by run
-      for (int j = 0; j < n;) {
-        const int len = v.run(k0 + j, n - j);
-        probs_times_value_run(m, d, len, s + j, v, k0 + j, FloatTile{}, w.acc.data(), j == 0 ? first : CMode::kAdd,
-                              w.alpha.data());
-        j += len;
-      }
-    } else {
-      const FloatTile vp = stage_pairs(v, k0, n, d, w.v.data(), padded_ld(d));
-      round_rows_in_place(s, m, kTileK, (n + W - 1) / W * W);  // the probabilities up to n_pad (0 past n)
-      probs_times_values(m, d, (n + 1) / 2, PairOperands{s, kTileK, 1, vp.p, vp.ld}, w.acc.data(), first,
-                         w.alpha.data());
+    for (int j = 0; j < n;) {
+      const int len = v.run(k0 + j, n - j);
+      probs_times_value_run(m, d, len, s + j, v, k0 + j, FloatTile{}, w.acc.data(), j == 0 ? first : CMode::kAdd,
+                            w.alpha.data());
+      j += len;
     }
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);

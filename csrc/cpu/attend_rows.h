@@ -177,7 +177,10 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
                      int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
 #if defined(ISM_ISA_NATIVE_BF16)
   if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
-    if (d % 2 == 0) return attend_few_rows_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+    // Whole vectors of d only (so also even): P V converts V in registers, staging it would cost as much.
+    if (convert_values_in_registers<VRows>(d)) {
+      return attend_few_rows_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+    }
   }
 #endif
   float* qs = w.qt.data();  // m rows of d, scaled into the log2 domain once
