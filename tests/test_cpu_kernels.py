@@ -154,7 +154,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("limits", ["causal", "ism", "mas"])
 def test_forward_as_accurate_as_pytorch_in_the_same_dtype(dtype, head_dim, limits):
     """Forward error against float64 at most twice PyTorch's math path's in the same dtype, plus a floor: the
-    bfloat16 forward on the AVX512_BF16 dot product rounds P to bfloat16 (attend_pairs.h), the others do not."""
+    bfloat16 forward on the AVX512_BF16 dot product rounds P to bfloat16 (pair_path.h), the others do not."""
     case = make_case([300, 1, 131], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits=limits,
                      seed=head_dim + len(limits))
     ref, _ = reference_attention(case.q.double(), case.k.double(), case.v.double(), case.kv_limit,
@@ -214,7 +214,7 @@ def test_gradients_as_accurate_as_pytorch_in_the_same_dtype(dtype, head_dim, lim
 @pytest.mark.parametrize("limits", ["causal", "ism", "mas"])
 def test_gradients_of_ordinary_inputs_within_twice_pytorch(dtype, head_dim, limits):
     """The same criterion with the forward's small floor, on a packed batch with ordinary softmaxes: the bfloat16
-    backward on the AVX512_BF16 dot product rounds P and dS to bfloat16 (segment_attn_bwd_pairs.h); the half-precision
+    backward on the AVX512_BF16 dot product rounds P and dS to bfloat16 (pair_path.h); the half-precision
     floors of the test above would hide an error several times PyTorch's."""
     case = make_case([300, 1, 131], heads_q=4, heads_kv=2, head_dim=head_dim, dtype=dtype, limits=limits,
                      seed=head_dim + len(limits))

@@ -124,8 +124,8 @@ bool convert_values_in_registers(int d) {
   return !std::is_same_v<row_element_t<VRows>, float> && d % Vec::W == 0;
 }
 
-// Runs of evenly spaced rows of one key tile (a paged cache breaks at page ends), staged once: K in place for
-// float32 rows, converted into the scratch tiles otherwise; V likewise unless P V converts it in registers.
+// Runs of evenly spaced rows of one key tile (a paged cache breaks at page ends), staged once: K as the path's
+// row operand (in place where it can be), V as float32 rows unless P V converts it in registers.
 struct KeyRuns {
   int count = 0;
   int start[kTileK];
@@ -133,7 +133,7 @@ struct KeyRuns {
   FloatTile k[kTileK], v[kTileK];
 };
 
-template <typename KRows, typename VRows>
+template <typename Path, typename KRows, typename VRows>
 void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch& w, KeyRuns& runs) {
   const bool stage_v = !convert_values_in_registers<VRows>(d);
   runs.count = 0;
@@ -142,7 +142,7 @@ void stage_runs(const KRows& k, const VRows& v, int k0, int n, int d, FwdScratch
     const int64_t at = static_cast<int64_t>(j) * d;
     runs.start[runs.count] = j;
     runs.len[runs.count] = len;
-    runs.k[runs.count] = stage_rows(k, k0 + j, len, d, w.k.data() + at);
+    runs.k[runs.count] = Path::row_operand(k, k0 + j, len, d, w.k.data() + at);
     if (stage_v) runs.v[runs.count] = stage_rows(v, k0 + j, len, d, w.v.data() + at);
     ++runs.count;
     j += len;
@@ -164,27 +164,13 @@ void probs_times_value_run(int m, int d, int len, const float* p, const VRows& v
   probs_times_values(m, d, len, FloatOperands{p, kTileK, 1, vt.p, vt.ld}, acc, mode, alpha);
 }
 
-#if defined(ISM_ISA_NATIVE_BF16)
-// The same on bfloat16 pairs (attend_pairs.h, included after this file by the avx512_bf16 build).
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
-                           const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w);
-#endif
-
-// attend_query_tile's contract (attend_tile.h) for m <= kRowPathMaxRows rows.
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
-                     int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
-    // Whole vectors of d only (so also even): P V converts V in registers, staging it would cost as much.
-    if (convert_values_in_registers<VRows>(d)) {
-      return attend_few_rows_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
-    }
-  }
-#endif
-  float* qs = w.qt.data();  // m rows of d, scaled into the log2 domain once
-  for (int r = 0; r < m; ++r) convert_row(q(r), d, softmax_scale * kLog2e, qs + static_cast<int64_t>(r) * d);
+// attend_few_rows's loop with the scores on a path's operands (float_path.h); P V stays float32.
+template <typename Path, typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_few_rows_on(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
+                        int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+  const float log2_scale = softmax_scale * kLog2e;  // scores in the log2 domain
+  float* qs = w.qt.data();                          // m rows of Path::depth(d)
+  Path::copy_queries(q, m, d, log2_scale, qs);
   for (int r = 0; r < m; ++r) {
     w.row_max[r] = -std::numeric_limits<float>::infinity();
     w.row_sum[r] = 0.f;
@@ -195,9 +181,10 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
-    stage_runs(k, v, k0, n, d, w, runs);
+    stage_runs<Path>(k, v, k0, n, d, w, runs);
     for (int i = 0; i < runs.count; ++i) {
-      dot_rows<FloatMadd>(qs, m, d, runs.k[i].p, runs.k[i].ld, runs.len[i], 1.f, s + runs.start[i], kTileK);
+      dot_rows<typename Path::Madd>(qs, m, Path::depth(d), runs.k[i].p, runs.k[i].ld, runs.len[i],
+                                    Path::score_scale(log2_scale), s + runs.start[i], kTileK);
     }
     for (int r = 0; r < m; ++r) {
       const int visible = std::min(limit[r] - k0, n);
@@ -211,6 +198,22 @@ void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit,
   }
   if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
   finish_rows(m, d, out, lse, w);
+}
+
+// attend_query_tile's contract (attend_tile.h) for m <= kRowPathMaxRows rows. bfloat16 scores run on pairs where
+// the build has them and P V converts V in registers (whole vectors of d, so even too): staging V for P V on
+// pairs would cost about as much as the product with a few rows.
+template <typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
+                     int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
+    if (convert_values_in_registers<VRows>(d)) {
+      return attend_few_rows_on<PairPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+    }
+  }
+#endif
+  attend_few_rows_on<FloatPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
 }
 
 // The forward inner loop for m rows against the keys: the row path for a few rows, the transposed tile

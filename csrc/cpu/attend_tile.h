@@ -1,7 +1,8 @@
 // The forward inner loop of the CPU kernels: one query tile against the key tiles it can see, with blocked
 // online softmax (FlashAttention's algorithm) on transposed score tiles (softmax_cols.h). Shared by the
 // packed varlen forward and the KV-cache attention, which differ only in where the rows live
-// (row_access.h).
+// (row_access.h). The loop is written once over a path (float_path.h): float32 operands, or bfloat16 pairs on
+// the AVX512_BF16 dot product (pair_path.h).
 #pragma once
 
 namespace ism::cpu::ISM_ISA_NS {
@@ -84,56 +85,59 @@ inline int start_lanes(const int32_t* limit, int m, int max_limit, FwdScratch& w
   return min_limit;
 }
 
-#if defined(ISM_ISA_NATIVE_BF16)
-// The same loop on bfloat16 pairs (attend_pairs.h, included after this file by the avx512_bf16 build).
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
-                             const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w);
-#endif
-
-// Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
-// (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
-// `max_limit` is the largest limit of the m rows: key tiles at or past it are never read.
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
-                       int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
-    if (d % 2 == 0) return attend_query_tile_pairs(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
-  }
-#endif
+// attend_query_tile's loop on a path's operands (float_path.h).
+template <typename Path, typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_query_tile_on(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
+                          int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
   const int m_pad = pad_lanes(m), ld = padded_ld(m_pad);  // q^T and S^T: m_pad live lanes in rows of ld
-  // Scores are formed in the log2 domain: fold softmax_scale * log2(e) into q once.
-  pack_transposed(q, 0, m, d, softmax_scale * kLog2e, w.qt.data(), ld);
+  // Scores are formed in the log2 domain: softmax_scale * log2(e), in q or on the sums as the path does it.
+  const float log2_scale = softmax_scale * kLog2e;
+  Path::pack_queries(q, m, d, log2_scale, w.qt.data(), ld);
   const int min_limit = start_lanes(limit, m, max_limit, w);
   AccRows acc_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK;
     const int n = std::min(kTileK, max_limit - k0);  // keys past max_limit are invisible to all rows
-    const FloatTile kt = stage_rows(k, k0, n, d, w.k.data());
-    const FloatTile vt = stage_panel(v, k0, n, d, m, w.v.data());  // P V's B panel
+    const FloatTile kt = Path::row_operand(k, k0, n, d, w.k.data());
+    const FloatTile vt = Path::panel_operand(v, k0, n, d, m, w.v.data());  // P V's B panel
     const bool masked = !key_tile_is_full(min_limit, k0, n);
-    const int step = masked ? kSubTileK : n;
+    const int step = masked ? kSubTileK : n;  // kSubTileK is even: a sub-tile starts on a whole pair of keys
     for (int s0 = 0; s0 < n; s0 += step) {
       const int ks = k0 + s0, ns = std::min(step, n - s0);
       const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = m_pad - c0;
       if (c0 == m) continue;
       std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
       const MaskAndColumnMax mask_max{w.limit.data() + c0, ks, masked, w.tile_max.data() + c0};
-      gemm(ns, cols, d, kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld, w.st.data() + c0, ld, CMode::kSet,
-           nullptr, mask_max);
-      softmax_update_cols(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0,
-                          SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
+      gemm_ops(ns, cols, Path::depth(d), typename Path::Operands{kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld},
+               w.st.data() + c0, ld, CMode::kSet, nullptr, Path::score_epilogue(log2_scale, mask_max));
+      softmax_update_cols<typename Path::ProbStore>(
+          w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0,
+          SoftmaxState{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0});
       // acc = diag(alpha) acc + P V on rows [c0, m), P read from S^T through its strides.
       float* acc = w.acc.data();
       const CMode mode = acc_rows.before_product(c0, d, acc, CMode::kScaleAdd);
-      gemm(m - c0, d, ns, w.st.data() + c0, 1, ld, vt.p + s0 * vt.ld, vt.ld, acc + static_cast<int64_t>(c0) * d,
-           d, mode, w.alpha.data() + c0);
+      const typename Path::Operands pv{w.st.data() + c0, 1, ld, vt.p + Path::depth(s0) * vt.ld, vt.ld};
+      gemm_ops(m - c0, d, Path::depth(ns), pv, acc + static_cast<int64_t>(c0) * d, d, mode, w.alpha.data() + c0);
     }
   }
   acc_rows.zero_unwritten(m, d, w.acc.data());  // rows that saw no key: 0 before the 1 / row_sum of 0
   finish_rows(m, d, out, lse, w);
+}
+
+// Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
+// (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
+// `max_limit` is the largest limit of the m rows: key tiles at or past it are never read. bfloat16 rows of an
+// even head dim run on pairs where the build has them.
+template <typename QRows, typename KRows, typename VRows, typename ORows>
+void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
+                       int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
+    if (d % 2 == 0) return attend_query_tile_on<PairPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  }
+#endif
+  attend_query_tile_on<FloatPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

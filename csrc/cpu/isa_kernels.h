@@ -3,7 +3,7 @@
 // kernels_avx512_bf16.cpp, kernels_avx512.cpp, kernels_avx2.cpp and kernels_generic.cpp compile the same
 // kernel templates (the headers that open `namespace ism::cpu::ISM_ISA_NS`) under a target pragma each, with
 // the vector type of that level (simd_*.h: Vec); the avx512_bf16 level adds bfloat16 attention on its dot
-// product (attend_pairs.h, segment_attn_bwd_pairs.h) and is otherwise the avx512 one. Everything shared (the
+// product (pair_path.h) and is otherwise the avx512 one. Everything shared (the
 // C++ library, ATen, these accessors) is included before the pragma, so no inline function outside an ISA
 // namespace is ever compiled with wider instructions than the baseline. At run time the widest level that
 // both the CPU and ATen's capability allow is chosen once (cpu_dispatch.cpp): ATEN_CPU_CAPABILITY=avx2 caps

@@ -3,8 +3,7 @@
 //   ISM_ISA_NS      the build's namespace under ism::cpu (avx512_bf16, avx512, avx2, generic)
 //   ISM_ISA_SIMD    its vector type's header (simd_*.h)
 //   ISM_ISA_TARGET  the compiler's target string for the build (absent for the baseline)
-//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) bfloat16 attention on the CPU's dot product (attend_pairs.h,
-//                   segment_attn_bwd_pairs.h)
+//   ISM_ISA_NATIVE_BF16  (avx512_bf16 only) bfloat16 attention on the CPU's dot product (pair_path.h)
 // Everything below is compiled for that target (GCC: push_options/target; Clang: an attribute on every function).
 #if !defined(ISM_ISA_NS) || !defined(ISM_ISA_SIMD)
 #error "define ISM_ISA_NS and ISM_ISA_SIMD first (see kernels_avx2.cpp)"
@@ -26,16 +25,14 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #include "micro_gemm.h"
 #include "tile_stage.h"
 #include "softmax_cols.h"
+#include "float_path.h"
+#if defined(ISM_ISA_NATIVE_BF16)
+#include "pair_path.h"
+#endif
 #include "attend_tile.h"
 #include "attend_rows.h"
-#if defined(ISM_ISA_NATIVE_BF16)
-#include "attend_pairs.h"
-#endif
 #include "segment_attn_fwd.h"
 #include "segment_attn_bwd.h"
-#if defined(ISM_ISA_NATIVE_BF16)
-#include "segment_attn_bwd_pairs.h"
-#endif
 #include "kvcache_attn.h"
 
 namespace ism::cpu::ISM_ISA_NS {

@@ -1,6 +1,6 @@
 // The CPU kernels for x86-64-v4 with AVX512_BF16 (Cooper Lake, Sapphire Rapids, AMD Zen 4 and later): the
-// AVX-512 build plus the bfloat16 dot product, which bfloat16 attention runs on (attend_pairs.h,
-// segment_attn_bwd_pairs.h). cpu_dispatch.cpp chooses it on AMD's CPUs only; see isa_kernels.h.
+// AVX-512 build plus the bfloat16 dot product, which bfloat16 attention runs on (pair_path.h).
+// cpu_dispatch.cpp chooses it on AMD's CPUs only; see isa_kernels.h.
 #include "isa_prelude.h"
 
 // AVX512_BF16's intrinsics came with GCC 10 and Clang 9; an older compiler leaves this level out.

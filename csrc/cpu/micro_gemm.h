@@ -30,7 +30,7 @@ struct NoEpilogue {
 // The A and B of a product: A(i, p) at a + i * a_rs + p * a_cs, B row p at b + p * ldb. An operand type says how a
 // register block's k loop reads them (accumulate) and where a block of rows and columns starts (at); the loops
 // below are written once over it. `Madd` says what one k step multiplies: Vec::fma of a broadcast float here
-// (FloatOperands), the bfloat16 pair dot product in attend_pairs.h.
+// (FloatOperands), the bfloat16 pair dot product in pair_path.h.
 template <typename Madd>
 struct StridedOperands {
   using BElem = typename Madd::BElem;

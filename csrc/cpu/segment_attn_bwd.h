@@ -9,6 +9,8 @@
 //   reduce    dK, dV = the chunks' partial sums, added in chunk order.
 // Every gradient element has one writer and a fixed order of additions, and the chunking depends only on the
 // shapes and kv_limit, never on the thread count: results are bitwise identical for any number of threads.
+// The per-tile loops (delta's two products, the main pass's five) are written once over a path (float_path.h):
+// float32 operands, or bfloat16 pairs on the AVX512_BF16 dot product (pair_path.h).
 #pragma once
 
 namespace ism::cpu::ISM_ISA_NS {
@@ -62,28 +64,34 @@ std::tuple<StridedRows<const T>, StridedRows<const T>, QuerySide> query_rows(con
           QuerySide{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}}};
 }
 
-template <typename T>
+template <typename Path, typename T>
 QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
                           BwdScratch& w) {
   const int d = p.head_dim;
   auto [q_rows, do_rows, s] = query_rows<T>(p, h, q0, m, max_limit);
-  pack_transposed(q_rows, 0, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.ld);
-  pack_transposed(do_rows, 0, m, d, 1.f, w.dot.data(), s.ld);
-  s.q = copy_rows(q_rows, 0, m, d, w.q.data(), padded_ld(d));
-  s.dout = copy_rows(do_rows, 0, m, d, w.dout.data(), padded_ld(d));
+  Path::pack_queries(q_rows, m, d, p.softmax_scale * kLog2e, w.qt.data(), s.ld);
+  Path::pack_queries(do_rows, m, d, 1.f, w.dot.data(), s.ld);
+  // B panels of dV and dK, reused against every key tile: always copied (as if all kTileK keys swept them).
+  s.q = Path::panel_operand(q_rows, 0, m, d, kTileK, w.q.data());
+  s.dout = Path::panel_operand(do_rows, 0, m, d, kTileK, w.dout.data());
   load_lane_state(p, delta, h, s, w);
   return s;
 }
 
-// P^T (in w.pt) and dP^T (in w.dpt) of a query tile's lanes [c0, m_pad) against key rows [k0, k0 + n); kt and
-// vt start at key k0. Rows of pt/dpt are the n keys, at the query tile's stride ld.
-inline void probs_and_dprobs(const QuerySide& s, int c0, int k0, int n, int d, const FloatTile& kt,
-                             const FloatTile& vt, BwdScratch& w) {
+// P^T (in w.pt) and dP^T (in w.dpt) of a query tile's lanes [c0, m_pad) against key rows [k0, k0 + n); kr and
+// vr are the K and V rows from key k0 (the path's row operands). Rows of pt/dpt are the n keys, at the query
+// tile's stride ld.
+template <typename Path>
+void probs_and_dprobs(const QuerySide& s, int c0, int k0, int n, int d, float softmax_scale, const FloatTile& kr,
+                      const FloatTile& vr, BwdScratch& w) {
+  using Ops = typename Path::Operands;
   const int cols = s.m_pad - c0;
-  gemm(n, cols, d, kt.p, kt.ld, 1, w.qt.data() + c0, s.ld, w.pt.data() + c0, s.ld, CMode::kSet);
+  gemm_ops(n, cols, Path::depth(d), Ops{kr.p, kr.ld, 1, w.qt.data() + c0, s.ld}, w.pt.data() + c0, s.ld,
+           CMode::kSet, nullptr, Path::score_epilogue(softmax_scale * kLog2e, NoEpilogue{}));
   probs_from_lse_cols(w.pt.data() + c0, n, s.ld, cols, k0, !key_tile_is_full(s.min_limit, k0, n),
                       w.limit.data() + c0, w.lse2.data() + c0);
-  gemm(n, cols, d, vt.p, vt.ld, 1, w.dot.data() + c0, s.ld, w.dpt.data() + c0, s.ld, CMode::kSet);
+  gemm_ops(n, cols, Path::depth(d), Ops{vr.p, vr.ld, 1, w.dot.data() + c0, s.ld}, w.dpt.data() + c0, s.ld,
+           CMode::kSet);
 }
 
 // The K/V rows of head h_kv of a sequence.
@@ -104,56 +112,62 @@ void store_dq(const SegmentAttnBwdParams& p, int h, int q0, int m, const AccRows
              strided_rows(static_cast<T*>(p.dq) + q0 * p.dq_row_stride + h * p.dq_head_stride, p.dq_row_stride), 0);
 }
 
-#if defined(ISM_ISA_NATIVE_BF16)
-// bwd_query_tile and delta_of_query_tile on bfloat16 pairs (segment_attn_bwd_pairs.h, included after this file
-// by the avx512_bf16 build).
-inline void bwd_query_tile_pairs(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m,
-                                 int max_limit, float* dkv, BwdScratch& w);
-inline void delta_of_query_tile_pairs(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
-                                      float* delta, BwdScratch& w);
-#endif
-
-// One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
-// (float32 [len_k, 2, d]: dK row then dV row of each key).
-template <typename T>
-void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
-                    float* dkv, BwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (p.head_dim % 2 == 0) return bwd_query_tile_pairs(p, delta, seq, h, q0, m, max_limit, dkv, w);
-  }
-#endif
+// bwd_query_tile's loop on a path's operands (float_path.h).
+template <typename Path, typename T>
+void bwd_query_tile_on(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m,
+                       int max_limit, float* dkv, BwdScratch& w) {
+  using Ops = typename Path::Operands;
   const int d = p.head_dim, h_kv = h / (p.h_q / p.h_kv);
-  const QuerySide s = load_query_side<T>(p, delta, h, q0, m, max_limit, w);
+  const QuerySide s = load_query_side<Path, T>(p, delta, h, q0, m, max_limit, w);
   const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h_kv);
   AccRows dq_rows;
   const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
   for (int t = 0; t < n_tiles; ++t) {
     const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    const FloatTile kt = stage_panel(k_rows, k0, n, d, m, w.k.data());  // dQ += dS K's B panel
-    const FloatTile vt = stage_rows(v_rows, k0, n, d, w.v.data());
-    // Boundary tiles in sub-tiles that skip the query lanes seeing none of their keys, as in the forward.
+    const BwdKeyTile kt = Path::bwd_key_tile(k_rows, v_rows, k0, n, d, m, w.k.data(), w.v.data());
+    // Boundary tiles in sub-tiles that skip the query lanes seeing none of their keys, as in the forward
+    // (kSubTileK is even: a sub-tile starts on a whole pair of keys).
     const int step = key_tile_is_full(s.min_limit, k0, n) ? n : kSubTileK;
     for (int s0 = 0; s0 < n; s0 += step) {
       const int ks = k0 + s0, ns = std::min(step, n - s0);
-      const int c0 = first_lanes_seeing(w.limit.data(), m, ks), rows = m - c0;
+      const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = s.m_pad - c0;
       if (c0 == m) continue;
-      const FloatTile ks_rows{kt.p + s0 * kt.ld, kt.ld}, vs_rows{vt.p + s0 * vt.ld, vt.ld};
-      probs_and_dprobs(s, c0, ks, ns, d, ks_rows, vs_rows, w);
-      score_grad_cols(w.pt.data() + c0, w.dpt.data() + c0, ns, s.ld, s.m_pad - c0, w.delta.data() + c0);
+      const int lanes = Path::depth(m - c0);  // c0 is a multiple of W: lane pairs start on an even lane
+      probs_and_dprobs<Path>(s, c0, ks, ns, d, p.softmax_scale, {kt.k.p + s0 * kt.k.ld, kt.k.ld},
+                             {kt.v.p + s0 * kt.v.ld, kt.v.ld}, w);
+      float* pt = w.pt.data() + c0;
+      float* ds = w.dpt.data() + c0;  // dS^T, over dP^T
+      score_grad_cols(pt, ds, ns, s.ld, cols, w.delta.data() + c0);
       float* dk = dkv + static_cast<int64_t>(ks) * 2 * d;
-      // dV += P^T dout and dK += dS^T q over the lanes' queries: A is S^T's rows as they lie.
-      gemm(ns, d, rows, w.pt.data() + c0, s.ld, 1, s.dout.p + c0 * s.dout.ld, s.dout.ld, dk + d, 2 * d,
-           CMode::kAdd);
-      gemm(ns, d, rows, w.dpt.data() + c0, s.ld, 1, s.q.p + c0 * s.q.ld, s.q.ld, dk, 2 * d, CMode::kAdd);
-      // dQ += dS K on rows [c0, m): A is S^T read transposed.
+      // dV += P^T dout and dK += dS^T q over the lanes' queries: A is S^T's rows.
+      Path::prepare_lanes(pt, ns, s.ld, cols);
+      gemm_ops(ns, d, lanes, Ops{pt, s.ld, 1, s.dout.p + Path::depth(c0) * s.dout.ld, s.dout.ld}, dk + d, 2 * d,
+               CMode::kAdd);
+      const float* ds_by_keys = Path::dscores_by_keys(ds, ns, s.ld, cols, pt);  // P^T is used up
+      Path::prepare_lanes(ds, ns, s.ld, cols);
+      gemm_ops(ns, d, lanes, Ops{ds, s.ld, 1, s.q.p + Path::depth(c0) * s.q.ld, s.q.ld}, dk, 2 * d, CMode::kAdd);
+      // dQ += dS K on rows [c0, m): A is dS^T read transposed.
       float* dq = w.dq.data();
       const CMode mode = dq_rows.before_product(c0, d, dq, CMode::kAdd);
-      gemm(rows, d, ns, w.dpt.data() + c0, 1, s.ld, ks_rows.p, ks_rows.ld, dq + static_cast<int64_t>(c0) * d, d,
-           mode);
+      const Ops ds_k{ds_by_keys, 1, s.ld, kt.k_panel.p + Path::depth(s0) * kt.k_panel.ld, kt.k_panel.ld};
+      gemm_ops(m - c0, d, Path::depth(ns), ds_k, dq + static_cast<int64_t>(c0) * d, d, mode);
     }
   }
   store_dq<T>(p, h, q0, m, dq_rows, w);
+}
+
+// One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
+// (float32 [len_k, 2, d]: dK row then dV row of each key). bfloat16 of an even head dim runs on pairs where the
+// build has them.
+template <typename T>
+void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
+                    float* dkv, BwdScratch& w) {
+#if defined(ISM_ISA_NATIVE_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (p.head_dim % 2 == 0) return bwd_query_tile_on<PairPath, T>(p, delta, seq, h, q0, m, max_limit, dkv, w);
+  }
+#endif
+  bwd_query_tile_on<FloatPath, T>(p, delta, seq, h, q0, m, max_limit, dkv, w);
 }
 
 // delta = rowsum(dout * out) - dlse, float32 [h_q, total_q], from the output the forward returned.
@@ -186,25 +200,31 @@ inline void store_delta(const SegmentAttnBwdParams& p, int h, int q0, int m, flo
 }
 
 // delta of one (query head h, query tile of m rows at q0) of sequence seq, into delta [h_q, total_q].
+template <typename Path, typename T>
+void delta_of_query_tile_on(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
+                            float* delta, BwdScratch& w) {
+  const int d = p.head_dim;
+  const QuerySide s = load_query_side<Path, T>(p, nullptr, h, q0, m, max_limit, w);
+  const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h / (p.h_q / p.h_kv));
+  std::fill(w.delta.begin(), w.delta.end(), 0.f);
+  for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
+    const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
+    const BwdKeyTile kt = Path::bwd_key_tile(k_rows, v_rows, k0, n, d, 0, w.k.data(), w.v.data());  // no dQ
+    probs_and_dprobs<Path>(s, 0, k0, n, d, p.softmax_scale, kt.k, kt.v, w);
+    add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
+  }
+  store_delta(p, h, q0, m, delta, w);
+}
+
 template <typename T>
 void delta_of_query_tile(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit, float* delta,
                          BwdScratch& w) {
 #if defined(ISM_ISA_NATIVE_BF16)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (p.head_dim % 2 == 0) return delta_of_query_tile_pairs(p, seq, h, q0, m, max_limit, delta, w);
+    if (p.head_dim % 2 == 0) return delta_of_query_tile_on<PairPath, T>(p, seq, h, q0, m, max_limit, delta, w);
   }
 #endif
-  const int d = p.head_dim;
-  const QuerySide s = load_query_side<T>(p, nullptr, h, q0, m, max_limit, w);
-  const auto [k_rows, v_rows] = kv_rows<T>(p, seq, h / (p.h_q / p.h_kv));
-  std::fill(w.delta.begin(), w.delta.end(), 0.f);
-  for (int t = 0; t < key_tiles_to_visit(max_limit, kTileK); ++t) {
-    const int k0 = t * kTileK, n = std::min(kTileK, max_limit - k0);
-    const FloatTile kt = stage_rows(k_rows, k0, n, d, w.k.data());
-    probs_and_dprobs(s, 0, k0, n, d, kt, stage_rows(v_rows, k0, n, d, w.v.data()), w);
-    add_col_dot(w.pt.data(), w.dpt.data(), n, s.ld, s.m_pad, w.delta.data());
-  }
-  store_delta(p, h, q0, m, delta, w);
+  delta_of_query_tile_on<FloatPath, T>(p, seq, h, q0, m, max_limit, delta, w);
 }
 
 // delta = sum_j P_ij dP_ij - dlse: the same quantity as rowsum(dout * out) in exact arithmetic, but taken

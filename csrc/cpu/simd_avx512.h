@@ -108,7 +108,7 @@ struct Vec {
   }
 
 #if defined(ISM_ISA_NATIVE_BF16)
-  // bfloat16 pairs (attend_pairs.h): a 32-bit word holds two bfloat16, the even one in the low half; a vector
+  // bfloat16 pairs (pair_path.h): a 32-bit word holds two bfloat16, the even one in the low half; a vector
   // of words is carried in a V (its bits, never its float value).
 
   // The word at p in every lane.

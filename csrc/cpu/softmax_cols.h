@@ -38,7 +38,7 @@ struct MaskAndColumnMax {
 };
 
 // Where the forward's softmax step puts the probabilities of key rows j and j + 1 of S^T (one vector of lanes,
-// `col` is row 0 of that vector): back in place as float32. attend_pairs.h stores them as bfloat16 pairs instead.
+// `col` is row 0 of that vector): back in place as float32. pair_path.h stores them as bfloat16 pairs instead.
 struct ProbsInPlace {
   static void two(float* col, int j, int64_t ld, typename Vec::V p0, typename Vec::V p1) {
     Vec::store(col + j * ld, p0);

@@ -1,18 +1,23 @@
-// bfloat16 on the AVX512_BF16 dot product (VDPBF16PS): the pair operands and the staging of rows as pairs, and
-// the forward on them (attend_query_tile's and attend_few_rows's loops with both products on bfloat16 pairs,
-// twice the multiply-adds per instruction of float32 FMAs; segment_attn_bwd_pairs.h is the backward). Only the
-// avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16); attend_tile.h and
-// attend_rows.h send bfloat16 rows of an even head dim here.
+// The pair path: bfloat16 attention on the AVX512_BF16 dot product (VDPBF16PS), twice the multiply-adds per
+// instruction of float32 FMAs. The pair operands, the staging of rows as pairs, and PairPath (float_path.h says
+// what a path provides), which the forward and backward loops run for bfloat16 rows of an even head dim. Only the
+// avx512_bf16 build has it (kernels_avx512_bf16.cpp defines ISM_ISA_NATIVE_BF16).
 //
 // VDPBF16PS adds a.lo * b.lo + a.hi * b.hi into a float32 lane, where a and b are 32-bit words of two bfloat16
-// each: the pairs run along k, the reduced dimension. So
-// - S^T = K Q^T reduces over the head dim: K's rows already are pairs (read in place), Q^T is packed as words
-//   of a query row (a 32-bit transpose, bits unchanged); the softmax scale is applied to the float32 scores
-//   in the product's epilogue, so q is never rounded again;
-// - P V reduces over keys: the softmax step rounds P to bfloat16 as key pairs (keys 2p and 2p + 1 of a lane in
-//   one word, written over S^T's first rows), and V is staged as the same key pairs of its rows.
-// Rounding P to bfloat16 is the one step the float32 path does not take (as PyTorch's and FlashAttention's
-// bfloat16 kernels do); the row sums and the accumulator stay float32.
+// each: the pairs run along k, the reduced dimension of each product.
+//   S^T = K Q^T, dP^T = V dO^T   over the head dim: K and V rows are words already (read in place), Q^T and dO^T
+//                                are packed as words of a query row (a 32-bit transpose, bits unchanged); the
+//                                softmax scale is applied to the float32 scores in the product's epilogue, so q
+//                                is never rounded again;
+//   P V, dQ += dS K              over keys: the softmax step rounds P to bfloat16 as key pairs (keys 2p and
+//                                2p + 1 of a lane in one word, written over S^T's first rows), dS likewise; V
+//                                and K are staged as the same key pairs of their rows;
+//   dV += P^T dO, dK += dS^T Q   over the query lanes: P^T and dS^T rows rounded to bfloat16 in place, dO and Q
+//                                staged as query pairs (two rows interleaved).
+// Rounding P and dS to bfloat16 is the one step the float32 path does not take (as PyTorch's and
+// FlashAttention's bfloat16 kernels do); the softmax, delta, dS itself and every accumulator stay float32. The
+// row path of decode (attend_rows.h) takes only the scores on pairs: P stays float32 and V is converted in
+// registers there.
 #pragma once
 
 namespace ism::cpu::ISM_ISA_NS {
@@ -160,84 +165,61 @@ struct ScaleThen {
   }
 };
 
-// attend_query_tile (attend_tile.h) for bfloat16 rows of even head dim d, both products on pairs. The same
-// tiles, sub-tiles, masking and online softmax; the scratch buffers hold words where the float32 path holds
-// floats (each as large or larger).
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_query_tile_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
-                             const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-  const int m_pad = pad_lanes(m), ld = padded_ld(m_pad), words = d / 2, v_ld = padded_ld(d);
-  pack_pairs_transposed(q, m, d, w.qt.data(), ld);
-  const int min_limit = start_lanes(limit, m, max_limit, w);
-  AccRows acc_rows;
-  const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
-  for (int t = 0; t < n_tiles; ++t) {
-    const int k0 = t * kTileK;
-    const int n = std::min(kTileK, max_limit - k0);
-    const FloatTile kt = stage_pair_rows(k, k0, n, d, w.k.data());
-    const FloatTile vt = stage_pairs(v, k0, n, d, w.v.data(), v_ld);
-    const bool masked = !key_tile_is_full(min_limit, k0, n);
-    const int step = masked ? kSubTileK : n;  // kSubTileK is even: a sub-tile starts on a whole pair of V
-    for (int s0 = 0; s0 < n; s0 += step) {
-      const int ks = k0 + s0, ns = std::min(step, n - s0);
-      const int c0 = first_lanes_seeing(w.limit.data(), m, ks), cols = m_pad - c0;
-      if (c0 == m) continue;
-      std::fill(w.tile_max.begin() + c0, w.tile_max.begin() + m_pad, -std::numeric_limits<float>::infinity());
-      const ScaleThen<MaskAndColumnMax> epi{softmax_scale * kLog2e,
-                                            {w.limit.data() + c0, ks, masked, w.tile_max.data() + c0}};
-      gemm_ops(ns, cols, words, PairOperands{kt.p + s0 * kt.ld, kt.ld, 1, w.qt.data() + c0, ld}, w.st.data() + c0,
-               ld, CMode::kSet, nullptr, epi);
-      const SoftmaxState state{w.row_max.data() + c0, w.row_sum.data() + c0, w.alpha.data() + c0};
-      softmax_update_cols<ProbsAsPairs>(w.st.data() + c0, ns, ld, cols, w.tile_max.data() + c0, state);
-      float* acc = w.acc.data();
-      const CMode mode = acc_rows.before_product(c0, d, acc, CMode::kScaleAdd);
-      gemm_ops(m - c0, d, (ns + 1) / 2, PairOperands{w.st.data() + c0, 1, ld, vt.p + (s0 / 2) * vt.ld, vt.ld},
-               acc + static_cast<int64_t>(c0) * d, d, mode, w.alpha.data() + c0);
-    }
-  }
-  acc_rows.zero_unwritten(m, d, w.acc.data());
-  finish_rows(m, d, out, lse, w);
-}
+// The pair path (float_path.h lists what a path provides): for bfloat16 rows of an even head dim.
+struct PairPath {
+  using Madd = PairMadd;
+  using Operands = PairOperands;
+  using ProbStore = ProbsAsPairs;  // P V reduces over keys: P as key pairs
 
-// attend_few_rows (attend_rows.h) for bfloat16 rows whose head dim d is whole vectors: the scores of each row
-// against W keys at a time on pairs along the head dim (K read in place, the softmax scale applied to the sums);
-// P V as attend_few_rows does it, P in float32 and V converted in registers.
-template <typename QRows, typename KRows, typename VRows, typename ORows>
-void attend_few_rows_pairs(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k,
-                           const VRows& v, int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-  const int words = d / 2;
-  float* qw = w.qt.data();  // m rows of d / 2 words
-  for (int r = 0; r < m; ++r) std::memcpy(qw + static_cast<int64_t>(r) * words, q(r), sizeof(c10::BFloat16) * d);
-  for (int r = 0; r < m; ++r) {
-    w.row_max[r] = -std::numeric_limits<float>::infinity();
-    w.row_sum[r] = 0.f;
+  static int depth(int n) { return (n + 1) / 2; }
+
+  // Rows as words, transposed (the scale is not folded in: the S^T product applies it to its sums).
+  template <typename Rows>
+  static void pack_queries(const Rows& rows, int m, int d, float, float* dst, int ld) {
+    pack_pairs_transposed(rows, m, d, dst, ld);
   }
-  float* s = w.st.data();  // m rows of kTileK scores, then probabilities
-  const int n_tiles = key_tiles_to_visit(max_limit, kTileK);
-  for (int t = 0; t < n_tiles; ++t) {
-    const int k0 = t * kTileK;
-    const int n = std::min(kTileK, max_limit - k0);
-    for (int j = 0; j < n;) {  // run by run of evenly spaced keys (a paged cache breaks at page ends)
-      const int len = k.run(k0 + j, n - j);
-      const FloatTile kr = stage_pair_rows(k, k0 + j, len, d, w.k.data() + static_cast<int64_t>(j) * words);
-      dot_rows<PairMadd>(qw, m, words, kr.p, kr.ld, len, softmax_scale * kLog2e, s + j, kTileK);
-      j += len;
-    }
-    for (int r = 0; r < m; ++r) {
-      const int visible = std::min(limit[r] - k0, n);
-      w.alpha[r] = softmax_update_row(s + r * kTileK, n, visible, &w.row_max[r], &w.row_sum[r]);
-    }
-    // P stays float32 and V is converted in registers, run by run (attend_rows.h: convert_values_in_registers).
-    const CMode first = t == 0 ? CMode::kSet : CMode::kScaleAdd;
-    for (int j = 0; j < n;) {
-      const int len = v.run(k0 + j, n - j);
-      probs_times_value_run(m, d, len, s + j, v, k0 + j, FloatTile{}, w.acc.data(), j == 0 ? first : CMode::kAdd,
-                            w.alpha.data());
-      j += len;
-    }
+
+  // m rows of d / 2 words.
+  template <typename Rows>
+  static void copy_queries(const Rows& rows, int m, int d, float, float* dst) {
+    for (int r = 0; r < m; ++r) std::memcpy(dst + static_cast<int64_t>(r) * (d / 2), rows(r), sizeof(c10::BFloat16) * d);
   }
-  if (n_tiles == 0) std::fill(w.acc.begin(), w.acc.begin() + static_cast<int64_t>(m) * d, 0.f);
-  finish_rows(m, d, out, lse, w);
-}
+
+  template <typename Rows>
+  static FloatTile row_operand(const Rows& rows, int64_t r0, int n, int d, float* buf) {
+    return stage_pair_rows(rows, r0, n, d, buf);
+  }
+
+  // Always staged as row pairs (the reduction over rows needs them interleaved), at a padded stride.
+  template <typename Rows>
+  static FloatTile panel_operand(const Rows& rows, int64_t r0, int n, int d, int, float* buf) {
+    return stage_pairs(rows, r0, n, d, buf, padded_ld(d));
+  }
+
+  // K and V as words (copies, where needed, both in v_buf: kTileK x d floats hold two tiles of n x d / 2 words),
+  // K's key pairs in k_buf (kTileK / 2 x padded_ld(d) words) when a dQ product follows (a_rows > 0).
+  template <typename Rows>
+  static BwdKeyTile bwd_key_tile(const Rows& k, const Rows& v, int64_t k0, int n, int d, int a_rows, float* k_buf,
+                                 float* v_buf) {
+    return {stage_pair_rows(k, k0, n, d, v_buf), stage_pair_rows(v, k0, n, d, v_buf + kTileK * d / 2),
+            a_rows > 0 ? panel_operand(k, k0, n, d, a_rows, k_buf) : FloatTile{}};
+  }
+
+  static float score_scale(float scale) { return scale; }
+
+  template <typename Epi>
+  static ScaleThen<Epi> score_epilogue(float scale, const Epi& then) {
+    return {scale, then};
+  }
+
+  // Rows of lanes rounded in place to words of lane pairs (A(j, l) at t + j * ld + l).
+  static void prepare_lanes(float* t, int n, int64_t ld, int cols) { round_rows_in_place(t, n, ld, cols); }
+
+  // dS's key pairs, into `spare` (a tile of S^T's shape no longer needed).
+  static const float* dscores_by_keys(const float* ds, int n, int64_t ld, int cols, float* spare) {
+    key_pairs(ds, n, ld, cols, spare);
+    return spare;
+  }
+};
 
 }  // namespace ism::cpu::ISM_ISA_NS
