@@ -96,9 +96,38 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The CPU flags that decide which instructions the op's kernels and PyTorch's can use.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """`device` (the model name), `cpu_id` (vendor, family and model: "AMD EPYC" alone names several
+    generations) and `cpu_flags` (those of ISA_FLAGS the CPU has), from the first processor in /proc/cpuinfo;
+    empty where there is none."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    found = {}
+    if "model name" in fields:
+        found["device"] = fields["model name"]
+    if "vendor_id" in fields:
+        family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+        found["cpu_id"] = f"{fields['vendor_id']} family {family} model {model}"
+    if "flags" in fields:
+        have = set(fields["flags"].split())
+        found["cpu_flags"] = [flag for flag in ISA_FLAGS if flag in have]
+    return found
+
+
 def environment() -> dict[str, Any]:
-    """Fields every record carries: device, threads, torch and CUDA versions, commit, and the CPU instruction
-    sets that ran: torch's (`cpu_capability`) and the op's CPU kernels' (`kernel_isa`)."""
+    """Fields every record carries: device (with the CPU's identity and instruction-set flags, cpu_identity),
+    threads, torch and CUDA versions, commit, and the CPU instruction sets that ran: torch's (`cpu_capability`)
+    and the op's CPU kernels' (`kernel_isa`)."""
     import ism_ext  # noqa: F401  (registers torch.ops.ism)
 
     env = {
@@ -110,13 +139,7 @@ def environment() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "kernel_isa": torch.ops.ism.cpu_kernel_isa(),
     }
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["device"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    env.update(cpu_identity())
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
