@@ -182,7 +182,9 @@ struct PairPath {
   // m rows of d / 2 words.
   template <typename Rows>
   static void copy_queries(const Rows& rows, int m, int d, float, float* dst) {
-    for (int r = 0; r < m; ++r) std::memcpy(dst + static_cast<int64_t>(r) * (d / 2), rows(r), sizeof(c10::BFloat16) * d);
+    for (int r = 0; r < m; ++r) {
+      std::memcpy(dst + static_cast<int64_t>(r) * (d / 2), rows(r), sizeof(c10::BFloat16) * d);
+    }
   }
 
   template <typename Rows>
