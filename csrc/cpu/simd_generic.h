@@ -57,17 +57,15 @@ struct Vec {
 
   // Lane i of the result is the sum of a[i]'s lanes.
   static V sum_each(const V (&a)[W]) {
-    V out;
-    for (int i = 0; i < W; ++i) out[i] = (a[i][0] + a[i][1]) + (a[i][2] + a[i][3]);
-    return out;
+    const auto sum = [&a](int i) { return (a[i][0] + a[i][1]) + (a[i][2] + a[i][3]); };
+    return V{sum(0), sum(1), sum(2), sum(3)};
   }
 
   // In place: a[c] becomes column c of the W x W block whose rows were a[0..W).
+  // Whole vectors built from their lanes: element-wise writes into uninitialised vectors made GCC warn.
   static void transpose(V (&a)[W]) {
     V t[W];
-    for (int c = 0; c < W; ++c) {
-      for (int i = 0; i < W; ++i) t[c][i] = a[i][c];
-    }
+    for (int c = 0; c < W; ++c) t[c] = V{a[0][c], a[1][c], a[2][c], a[3][c]};
     for (int c = 0; c < W; ++c) a[c] = t[c];
   }
 
