@@ -1,6 +1,6 @@
-// How the kernels' products take their operands: a path. The loops of the forward (attend_tile.h,
-// attend_rows.h) and of the backward (segment_attn_bwd.h) are written once over a path, which says what a k step
-// of a product multiplies, how rows are staged as a product's operands, and where the softmax scale goes.
+// How the kernels' products take their operands: a path. The loops of the forward (attend_tile.h, attend_rows.h)
+// and of the backward (bwd_tile.h, bwd_delta.h) are written once over a path, which says what a k step of a
+// product multiplies, how rows are staged as a product's operands, and where the softmax scale goes.
 //
 // FloatPath: every product in float32, half-precision inputs converted on load (tile_stage.h), the softmax scale
 // times log2(e) folded into q once. pair_path.h has the other path (bfloat16 pairs on the AVX512_BF16 dot

@@ -32,6 +32,9 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #include "attend_tile.h"
 #include "attend_rows.h"
 #include "segment_attn_fwd.h"
+#include "bwd_tile.h"
+#include "bwd_delta.h"
+#include "bwd_chunks.h"
 #include "segment_attn_bwd.h"
 #include "kvcache_attn.h"
 
