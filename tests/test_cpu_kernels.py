@@ -37,10 +37,17 @@ HAS_FAST_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in FLAGS and _cpuinfo("vendo
 WIDEST_AVX512 = "avx512_bf16" if HAS_FAST_AVX512_BF16 else "avx512"  # ATen's AVX512 level runs this build
 
 
-def _expected_isa(capability: str) -> str:
+BUILDS = ("generic", "avx2", "avx512", "avx512_bf16")  # narrowest to widest
+
+
+def _expected_isa(capability: str, cap: str = "") -> str:
+    """The build the dispatch must choose at ATen's `capability`, under ISM_CPU_ISA=`cap` ("": unset)."""
+    allowed = BUILDS.index(cap) if cap else len(BUILDS) - 1
     if capability == "AVX512" and HAS_AVX512:
-        return WIDEST_AVX512
-    if capability in ("AVX2", "AVX512") and HAS_AVX2:
+        for build in (WIDEST_AVX512, "avx512"):
+            if BUILDS.index(build) <= allowed:
+                return build
+    if capability in ("AVX2", "AVX512") and HAS_AVX2 and allowed >= BUILDS.index("avx2"):
         return "avx2"
     return "generic"
 
@@ -48,25 +55,67 @@ def _expected_isa(capability: str) -> str:
 @pytest.mark.skipif(not FLAGS, reason="needs /proc/cpuinfo (Linux)")
 def test_dispatch_picks_the_widest_allowed_build():
     chosen = torch.ops.ism.cpu_kernel_isa()
-    assert chosen == _expected_isa(torch.backends.cpu.get_cpu_capability())
-    if HAS_AVX2 and "ATEN_CPU_CAPABILITY" not in os.environ:
+    assert chosen == _expected_isa(torch.backends.cpu.get_cpu_capability(), os.environ.get("ISM_CPU_ISA", ""))
+    if HAS_AVX2 and "ATEN_CPU_CAPABILITY" not in os.environ and "ISM_CPU_ISA" not in os.environ:
         wide_enough = ("avx2", "avx512", "avx512_bf16")
         assert chosen in wide_enough, f"an AVX2 machine must run the AVX2 (or wider) kernels, ran {chosen}"
 
 
-LEVELS = [("default", "generic", True), ("avx2", "avx2", HAS_AVX2), ("avx512", WIDEST_AVX512, HAS_AVX512)]
+# (ATEN_CPU_CAPABILITY, ISM_CPU_ISA, the build that runs, whether this CPU runs it). ISM_CPU_ISA=avx512 is the
+# one way to the plain avx512 build on a CPU that takes avx512_bf16.
+LEVELS = [
+    ("default", "", "generic", True),
+    ("avx2", "", "avx2", HAS_AVX2),
+    ("avx512", "", WIDEST_AVX512, HAS_AVX512),
+    ("avx512", "avx512", "avx512", HAS_FAST_AVX512_BF16),
+]
 
 
-@pytest.mark.parametrize("capability,isa,runs_here", LEVELS, ids=[lvl[0] for lvl in LEVELS])
-def test_every_build_matches_the_reference(capability, isa, runs_here):
-    """Each build the machine can run, capped by ATEN_CPU_CAPABILITY in a fresh process, against float64."""
-    if not runs_here:
-        pytest.skip(f"this CPU cannot run the {isa} build")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "2"}
+def _run_kernel_checks(capability: str, cap: str) -> subprocess.CompletedProcess:
+    """kernel_checks.main() in a fresh process (the build is chosen once per process) under the two caps."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "ISM_CPU_ISA": cap, "OMP_NUM_THREADS": "2"}
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import kernel_checks; kernel_checks.main()"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("capability,cap,isa,runs_here", LEVELS, ids=[f"{lvl[0]}-{lvl[2]}" for lvl in LEVELS])
+def test_every_build_matches_the_reference(capability, cap, isa, runs_here):
+    """Each build the machine can run, capped by ATEN_CPU_CAPABILITY (and ISM_CPU_ISA), against float64."""
+    if not runs_here:
+        pytest.skip(f"this CPU does not run the {isa} build")
+    run = _run_kernel_checks(capability, cap)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.split()[-2:] == [isa, "ok"], run.stdout
+
+
+@pytest.mark.skipif(not FLAGS, reason="needs /proc/cpuinfo (Linux)")
+@pytest.mark.parametrize("cap", BUILDS)
+def test_ism_cpu_isa_caps_the_build(cap):
+    """ISM_CPU_ISA picks the widest build up to it that ATen's capability and the CPU allow."""
+    code = "import torch, ism_ext; print(torch.backends.cpu.get_cpu_capability(), torch.ops.ism.cpu_kernel_isa())"
+    env = {**os.environ, "ISM_CPU_ISA": cap}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    capability, chosen = run.stdout.split()[-2:]
+    assert chosen == _expected_isa(capability, cap)
+
+
+def test_an_unknown_ism_cpu_isa_is_refused_by_name():
+    """A misspelt cap is an error that names the variable and the builds, raised before any kernel runs."""
+    code = (
+        "import torch, ism_ext\n"
+        "q = torch.randn(1, 8, 2, 64)\n"
+        "try:\n"
+        "    ism_ext.segment_attention(q, q, q, torch.arange(1, 9, dtype=torch.int32)[None])\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {**os.environ, "ISM_CPU_ISA": "avx3"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "refused:" in run.stdout and "ISM_CPU_ISA='avx3'" in run.stdout, run.stdout
+    assert "avx512_bf16" in run.stdout, run.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
