@@ -19,8 +19,8 @@ struct BwdScratch {
         lse2(kTileQ), delta(kTileQ), row_scale(kTileQ), limit(kTileQ) {}
 };
 
-// The query side of one (query head, query tile): transposed q (log2 domain) and dout, q and dout rows as
-// float32 (copied at a padded stride: they are B panels of dV and dK), lse in the log2 domain, delta and the
+// The query side of one (query head, query tile): transposed q and dout, q and dout rows as the path's B panels
+// of dV and dK (float32 rows or query pairs, copied at a padded stride), lse in the log2 domain, delta and the
 // limits (padding lanes see nothing). The transposed tiles, P^T and dP^T hold m_pad live lanes in rows of ld.
 struct QuerySide {
   int q0, m, m_pad, ld, min_limit, max_limit;
@@ -50,6 +50,8 @@ std::tuple<StridedRows<const T>, StridedRows<const T>, QuerySide> query_rows(con
           QuerySide{q0, m, pad_lanes(m), padded_ld(pad_lanes(m)), max_limit, max_limit, {}, {}}};
 }
 
+// The query side of query head h's tile of m rows at q0, staged as the path's operands (q in the log2 domain where
+// the path folds the scale into it).
 template <typename Path, typename T>
 QuerySide load_query_side(const SegmentAttnBwdParams& p, const float* delta, int h, int q0, int m, int max_limit,
                           BwdScratch& w) {
