@@ -2,7 +2,6 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <string>
@@ -49,31 +48,40 @@ bool cpu_has_avx2() {
 // The builds from narrowest to widest, by the names cpu_kernel_isa() gives them.
 constexpr std::array<std::string_view, 4> kBuilds = {"generic", "avx2", "avx512", "avx512_bf16"};
 
+// A build's place in kBuilds (kBuilds.size() for a name that is none of them).
+constexpr size_t rank(std::string_view build) {
+  size_t i = 0;
+  while (i < kBuilds.size() && kBuilds[i] != build) ++i;
+  return i;
+}
+
 // The widest build ISM_CPU_ISA allows (an index into kBuilds; all of them when it is unset or empty). It caps
 // the op's kernels alone, as ATEN_CPU_CAPABILITY caps ATen's and the op's together: the one way to run the
 // plain avx512 build on a CPU that takes avx512_bf16 (tests, and a user comparing the two).
 size_t isa_cap() {
   const char* value = std::getenv("ISM_CPU_ISA");
   if (value == nullptr || *value == '\0') return kBuilds.size() - 1;
-  const auto it = std::find(kBuilds.begin(), kBuilds.end(), std::string_view(value));
-  TORCH_CHECK(it != kBuilds.end(), "ISM_CPU_ISA='", value,
+  const size_t allowed = rank(value);
+  TORCH_CHECK(allowed < kBuilds.size(), "ISM_CPU_ISA='", value,
               "' is not one of generic, avx2, avx512, avx512_bf16 (it caps the op's CPU kernels; unset it for "
               "the widest build the CPU runs)");
-  return static_cast<size_t>(it - kBuilds.begin());
+  return allowed;
 }
 
 const IsaKernels* choose() {
   // ATen's capability ("DEFAULT", "AVX2", "AVX512" on x86) already folds in the CPU and ATEN_CPU_CAPABILITY;
   // the CPU test also covers F16C, which ATen's AVX2 level does not name.
   const std::string cap = at::get_cpu_capability();
+  const bool avx512_level = cap == "AVX512", avx2_level = avx512_level || cap == "AVX2";
   const size_t allowed = isa_cap();
-  if (allowed >= 3 && cap == "AVX512" && cpu_has_fast_avx512_bf16() && avx512_bf16::kernels() != nullptr) {
+  if (allowed >= rank("avx512_bf16") && avx512_level && cpu_has_fast_avx512_bf16() &&
+      avx512_bf16::kernels() != nullptr) {
     return avx512_bf16::kernels();
   }
-  if (allowed >= 2 && cap == "AVX512" && cpu_has_avx512() && avx512::kernels() != nullptr) return avx512::kernels();
-  if (allowed >= 1 && (cap == "AVX512" || cap == "AVX2") && cpu_has_avx2() && avx2::kernels() != nullptr) {
-    return avx2::kernels();
+  if (allowed >= rank("avx512") && avx512_level && cpu_has_avx512() && avx512::kernels() != nullptr) {
+    return avx512::kernels();
   }
+  if (allowed >= rank("avx2") && avx2_level && cpu_has_avx2() && avx2::kernels() != nullptr) return avx2::kernels();
   return generic::kernels();
 }
 
