@@ -150,7 +150,8 @@ DECODE_ROW_CASES = [
     (torch.float32, 32, 16, 1, 0, [129, 300], "causal"),
     (torch.bfloat16, 128, 4, 1, 16, [300, 128], "segment"),
     (torch.bfloat16, 40, 1, 2, 80, [77, 200], "random"),
-    # bfloat16 on the dot product where the CPU has it: a head dim with a tail of words, and an odd one (float32 path)
+    # bfloat16 head dims that are not whole vectors: the row path converts to float32 even where the CPU has the
+    # bfloat16 dot product (72 even, 33 odd); 128 above takes the dot product there
     (torch.bfloat16, 72, 2, 3, 0, [200, 1, 128], "causal"),
     (torch.bfloat16, 33, 3, 1, 16, [100, 47], "segment"),
     (torch.float16, 64, 3, 1, 0, [129, 1000], "segment"),

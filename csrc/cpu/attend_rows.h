@@ -200,20 +200,17 @@ void attend_few_rows_on(const QRows& q, int m, const int32_t* limit, int max_lim
   finish_rows(m, d, out, lse, w);
 }
 
-// attend_query_tile's contract (attend_tile.h) for m <= kRowPathMaxRows rows. bfloat16 scores run on pairs where
-// the build has them and P V converts V in registers (whole vectors of d, so even too): staging V for P V on
-// pairs would cost about as much as the product with a few rows.
+// attend_query_tile's contract (attend_tile.h) for m <= kRowPathMaxRows rows. The scores take choose_path.h's
+// path only where P V converts V in registers (whole vectors of d): staging V for P V on pairs would cost about
+// as much as the product with a few rows.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_few_rows(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                      int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
-    if (convert_values_in_registers<VRows>(d)) {
-      return attend_few_rows_on<PairPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
-    }
-  }
-#endif
-  attend_few_rows_on<FloatPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  const auto run = [&](auto path) {
+    attend_few_rows_on<decltype(path)>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  };
+  if (convert_values_in_registers<VRows>(d)) return with_path<row_element_t<KRows>>(d, run);
+  run(FloatPath{});
 }
 
 // The forward inner loop for m rows against the keys: the row path for a few rows, the transposed tile

@@ -127,17 +127,14 @@ void attend_query_tile_on(const QRows& q, int m, const int32_t* limit, int max_l
 
 // Attends rows q(0..m) to keys/values k(j), v(j) for j < limit[r] (row r); writes out(0..m) and lse[0..m)
 // (natural log; a zero output and -inf for rows that see nothing, NaN for rows whose scores are NaN).
-// `max_limit` is the largest limit of the m rows: key tiles at or past it are never read. bfloat16 rows of an
-// even head dim run on pairs where the build has them.
+// `max_limit` is the largest limit of the m rows: key tiles at or past it are never read. The path is
+// choose_path.h's.
 template <typename QRows, typename KRows, typename VRows, typename ORows>
 void attend_query_tile(const QRows& q, int m, const int32_t* limit, int max_limit, const KRows& k, const VRows& v,
                        int d, float softmax_scale, const ORows& out, float* lse, FwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<row_element_t<KRows>, c10::BFloat16>) {
-    if (d % 2 == 0) return attend_query_tile_on<PairPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
-  }
-#endif
-  attend_query_tile_on<FloatPath>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  with_path<row_element_t<KRows>>(d, [&](auto path) {
+    attend_query_tile_on<decltype(path)>(q, m, limit, max_limit, k, v, d, softmax_scale, out, lse, w);
+  });
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

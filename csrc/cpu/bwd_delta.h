@@ -33,7 +33,7 @@ inline void store_delta(const SegmentAttnBwdParams& p, int h, int q0, int m, flo
   }
 }
 
-// delta of one (query head h, query tile of m rows at q0) of sequence seq, into delta [h_q, total_q].
+// delta_of_query_tile's loop on a path's operands (float_path.h).
 template <typename Path, typename T>
 void delta_of_query_tile_on(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit,
                             float* delta, BwdScratch& w) {
@@ -50,15 +50,14 @@ void delta_of_query_tile_on(const SegmentAttnBwdParams& p, int seq, int h, int q
   store_delta(p, h, q0, m, delta, w);
 }
 
+// delta of one (query head h, query tile of m rows at q0) of sequence seq, into delta [h_q, total_q], on
+// choose_path.h's path.
 template <typename T>
 void delta_of_query_tile(const SegmentAttnBwdParams& p, int seq, int h, int q0, int m, int max_limit, float* delta,
                          BwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (p.head_dim % 2 == 0) return delta_of_query_tile_on<PairPath, T>(p, seq, h, q0, m, max_limit, delta, w);
-  }
-#endif
-  delta_of_query_tile_on<FloatPath, T>(p, seq, h, q0, m, max_limit, delta, w);
+  with_path<T>(p.head_dim, [&](auto path) {
+    delta_of_query_tile_on<decltype(path), T>(p, seq, h, q0, m, max_limit, delta, w);
+  });
 }
 
 // delta = sum_j P_ij dP_ij - dlse: the same quantity as rowsum(dout * out) in exact arithmetic, but taken

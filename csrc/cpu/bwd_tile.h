@@ -145,17 +145,13 @@ void bwd_query_tile_on(const SegmentAttnBwdParams& p, const float* delta, int se
 }
 
 // One (query head, query tile) of a work item: dq of the tile, and its share of dK/dV added into dkv
-// (float32 [len_k, 2, d]: dK row then dV row of each key). bfloat16 of an even head dim runs on pairs where the
-// build has them.
+// (float32 [len_k, 2, d]: dK row then dV row of each key), on choose_path.h's path.
 template <typename T>
 void bwd_query_tile(const SegmentAttnBwdParams& p, const float* delta, int seq, int h, int q0, int m, int max_limit,
                     float* dkv, BwdScratch& w) {
-#if defined(ISM_ISA_NATIVE_BF16)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (p.head_dim % 2 == 0) return bwd_query_tile_on<PairPath, T>(p, delta, seq, h, q0, m, max_limit, dkv, w);
-  }
-#endif
-  bwd_query_tile_on<FloatPath, T>(p, delta, seq, h, q0, m, max_limit, dkv, w);
+  with_path<T>(p.head_dim, [&](auto path) {
+    bwd_query_tile_on<decltype(path), T>(p, delta, seq, h, q0, m, max_limit, dkv, w);
+  });
 }
 
 }  // namespace ism::cpu::ISM_ISA_NS

@@ -3,11 +3,11 @@
 // kernels_avx512_bf16.cpp, kernels_avx512.cpp, kernels_avx2.cpp and kernels_generic.cpp compile the same
 // kernel templates (the headers that open `namespace ism::cpu::ISM_ISA_NS`) under a target pragma each, with
 // the vector type of that level (simd_*.h: Vec); the avx512_bf16 level adds bfloat16 attention on its dot
-// product (pair_path.h) and is otherwise the avx512 one. Everything shared (the
-// C++ library, ATen, these accessors) is included before the pragma, so no inline function outside an ISA
-// namespace is ever compiled with wider instructions than the baseline. At run time the widest level that
-// both the CPU and ATen's capability allow is chosen once (cpu_dispatch.cpp): ATEN_CPU_CAPABILITY=avx2 caps
-// these kernels exactly as it caps PyTorch's own, so the two are always compared on the same instructions.
+// product (pair_path.h) and is otherwise the avx512 one. Everything shared (the C++ library, ATen, these
+// accessors) is included before the pragma, so no inline function outside an ISA namespace is ever compiled
+// with wider instructions than the baseline. At run time the widest level that both the CPU and ATen's
+// capability allow is chosen once (cpu_dispatch.cpp): ATEN_CPU_CAPABILITY=avx2 caps these kernels exactly as it
+// caps PyTorch's own, so the two are always compared on the same instructions (ISM_CPU_ISA caps them alone).
 #pragma once
 
 #include "../ism_params.h"

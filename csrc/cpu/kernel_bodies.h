@@ -29,6 +29,7 @@ ISM_PRAGMA(GCC target(ISM_ISA_TARGET))
 #if defined(ISM_ISA_NATIVE_BF16)
 #include "pair_path.h"
 #endif
+#include "choose_path.h"
 #include "attend_tile.h"
 #include "attend_rows.h"
 #include "segment_attn_fwd.h"
